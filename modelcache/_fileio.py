@@ -1,0 +1,86 @@
+"""Atomic file writes and checksummed reads, shared by every backend's disk tier."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from typing import Callable, Iterable, Optional, Union
+
+from .errors import CorruptFileError
+
+Chunks = Union[bytes, bytearray, memoryview, Iterable[Union[bytes, bytearray, memoryview]]]
+
+
+def model_file(directory: str, name: str, suffix: str) -> str:
+    """A file name for ``name`` that is safe on any file system and unique per name."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80] or "model"
+    tag = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return os.path.join(directory, f"{safe}-{tag}{suffix}")
+
+
+def atomic_write(path: str, data: Union[Chunks, Callable[[object], None]]) -> str:
+    """Write ``data`` (bytes, an iterable of chunks, or ``fn(file)`` writing to a binary file) to
+    ``path`` atomically: a temporary file in the same folder, fsync, then rename. Returns the
+    sha256 hex digest of what was written. On failure nothing is left at ``path``'s place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            hashing = _HashingWriter(raw)
+            if callable(data):
+                data(hashing)
+            elif isinstance(data, (bytes, bytearray, memoryview)):
+                hashing.write(data)
+            else:
+                for chunk in data:
+                    hashing.write(chunk)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return hashing.hexdigest()
+
+
+def read_verified(path: str, sha256: Optional[str], *, model: Optional[str] = None) -> bytes:
+    """Read ``path`` and check its sha256 (when given); raises :class:`CorruptFileError`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise CorruptFileError(f"cannot read {path}: {exc}", model=model) from exc
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise CorruptFileError(f"{path} fails its sha256 check (expected {sha256[:16]}..., "
+                                   f"found {actual[:16]}...): the file was changed or truncated", model=model)
+    return data
+
+
+def remove_quietly(path: Optional[str]) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class _HashingWriter:
+    """A binary file wrapper that hashes what passes through."""
+
+    def __init__(self, raw) -> None:
+        self._raw = raw
+        self._hash = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self._hash.update(data)
+        return self._raw.write(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()

@@ -1,0 +1,144 @@
+"""The interface a backend implements: moving one model between tiers and counting its bytes.
+
+A backend is one module in this package with heavy imports inside its methods. The public
+methods of :class:`Backend` check the handle's tier and call the ``_..._impl`` methods, which
+are what a backend writes. A move that raises must leave the handle as it was.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Optional
+
+from ..errors import ConfigError
+from ..monitors.base import DeviceMonitor
+from ..tiers import Tier
+
+
+class Handle:
+    """One model's state in the tier it is in. Backends subclass it to hold their objects.
+
+    Sizes are bytes: ``device_bytes`` held on the device now, ``host_bytes`` held in host RAM now
+    (a backend may keep host bytes while on the device, e.g. pinned weights or plan bytes).
+    """
+
+    def __init__(self, name: str, tier: Tier) -> None:
+        self.name = name
+        self.tier = tier
+        self.device_bytes = 0
+        self.host_bytes = 0
+        self.disk_path: Optional[str] = None
+
+    def estimated_device_bytes(self) -> int:
+        """Device bytes the model will take once on the device (exact where the backend can be)."""
+        return self.device_bytes
+
+    def estimated_host_bytes(self) -> int:
+        """Host bytes the model will take once moved to the host tier."""
+        return self.host_bytes or self.estimated_device_bytes()
+
+    def details(self) -> Dict[str, Any]:
+        """Backend-specific facts for ``EntryInfo.details``."""
+        return {}
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    """What a backend gets from the cache that owns it."""
+
+    device: int
+    monitor: DeviceMonitor
+    disk_dir: Optional[str]
+
+
+class Backend(ABC):
+    """Moves models of one kind between tiers. One instance per cache, shared by its models;
+    methods may be called from several threads at once for different handles."""
+
+    name: ClassVar[str] = "backend"
+    supports_disk: ClassVar[bool] = True
+
+    def __init__(self, context: BackendContext) -> None:
+        self.context = context
+
+    # detection ------------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, value: Any, options: Dict[str, Any]) -> bool:
+        """True if this backend can take ``value`` (what a loader returned). Must not import heavy
+        packages: it runs for every backend during ``backend="auto"`` detection."""
+        return False
+
+    # public moves: checks, then the backend's _impl ----------------------------------------
+    def load(self, name: str, value: Any, options: Dict[str, Any]) -> Handle:
+        """Turn a loader's result into a handle, usually on the host tier (some values, such as a
+        live CUDA session, arrive on the device)."""
+        handle = self._load_impl(name, value, options)
+        if handle.tier not in (Tier.HOST, Tier.DEVICE):
+            raise AssertionError(f"{type(self).__name__}._load_impl returned a handle on {handle.tier}")
+        return handle
+
+    def to_device(self, handle: Handle) -> None:
+        self._expect(handle, Tier.HOST)
+        self._to_device_impl(handle)
+        handle.tier = Tier.DEVICE
+
+    def to_host(self, handle: Handle) -> None:
+        self._expect(handle, Tier.DEVICE)
+        self._to_host_impl(handle)
+        handle.tier = Tier.HOST
+        handle.device_bytes = 0
+
+    def to_disk(self, handle: Handle, directory: str) -> None:
+        self._expect(handle, Tier.HOST)
+        if not self.supports_disk:
+            raise ConfigError(f"the {self.name} backend has no disk tier", model=handle.name)
+        self._to_disk_impl(handle, directory)
+        handle.tier = Tier.DISK
+        handle.host_bytes = 0
+
+    def from_disk(self, handle: Handle) -> None:
+        self._expect(handle, Tier.DISK)
+        self._from_disk_impl(handle)
+        handle.tier = Tier.HOST
+
+    def release(self, handle: Handle) -> None:
+        """Free everything the handle holds, in any tier (files too). Must not raise."""
+        self._release_impl(handle)
+        handle.device_bytes = handle.host_bytes = 0
+        handle.disk_path = None
+        handle.tier = Tier.UNLOADED
+
+    def model(self, handle: Handle) -> Any:
+        """What ``use()`` hands out for a handle on the device."""
+        self._expect(handle, Tier.DEVICE)
+        return self._model_impl(handle)
+
+    def close(self) -> None:
+        """Release backend-wide resources (pools, streams)."""
+
+    @staticmethod
+    def _expect(handle: Handle, tier: Tier) -> None:
+        if handle.tier is not tier:
+            raise AssertionError(f"model {handle.name!r}: expected a handle on {tier}, found {handle.tier}")
+
+    # what a backend writes ------------------------------------------------------------------
+    @abstractmethod
+    def _load_impl(self, name: str, value: Any, options: Dict[str, Any]) -> Handle: ...
+
+    @abstractmethod
+    def _to_device_impl(self, handle: Any) -> None: ...
+
+    @abstractmethod
+    def _to_host_impl(self, handle: Any) -> None: ...
+
+    def _to_disk_impl(self, handle: Any, directory: str) -> None:
+        raise NotImplementedError
+
+    def _from_disk_impl(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    @abstractmethod
+    def _release_impl(self, handle: Any) -> None: ...
+
+    @abstractmethod
+    def _model_impl(self, handle: Any) -> Any: ...

@@ -1,0 +1,108 @@
+"""Every error modelcache raises derives from :class:`ModelCacheError`.
+
+Messages name the model (when there is one) and the cause; the model's name is also
+kept on the ``model`` attribute.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class ModelCacheError(Exception):
+    """Root of all modelcache errors."""
+
+    def __init__(self, message: str, *, model: Optional[str] = None) -> None:
+        self.model = model
+        self.reason = message
+        super().__init__(f"model {model!r}: {message}" if model is not None else message)
+
+    def __reduce__(self):  # keep pickling (e.g. across processes) working with keyword args
+        return (_rebuild, (type(self), self.reason, self.model))
+
+
+def _rebuild(cls, reason, model):
+    err = cls.__new__(cls)
+    ModelCacheError.__init__(err, reason, model=model)
+    return err
+
+
+class ConfigError(ModelCacheError, ValueError):
+    """A bad argument: the message states the bad value and what is allowed."""
+
+
+class ModelNotFoundError(ModelCacheError, KeyError):
+    """No model is registered under that name."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return self.args[0] if self.args else ""
+
+
+class DuplicateModelError(ModelCacheError):
+    """A model is already registered under that name."""
+
+
+class ModelInUseError(ModelCacheError):
+    """The operation needs the model unleased, but leases are held."""
+
+
+class LoaderError(ModelCacheError):
+    """The user's loader raised; the original exception is ``__cause__``.
+
+    The entry stays registered; the next request calls the loader again.
+    """
+
+
+class UnsupportedModelError(ModelCacheError, TypeError):
+    """No backend accepts what the loader returned, or the chosen backend rejects it."""
+
+
+class BackendError(ModelCacheError):
+    """A backend failed to move a model between tiers; ``__cause__`` holds the backend's error."""
+
+
+class CorruptFileError(ModelCacheError):
+    """A file on the disk tier is missing, truncated or fails its sha256 check."""
+
+
+class LeaseTimeoutError(ModelCacheError, TimeoutError):
+    """``use()`` gave up after its timeout."""
+
+
+class DeviceBusyError(LeaseTimeoutError):
+    """No room could be made on the device within the timeout: everything resident is leased
+    (or memory is held by other processes)."""
+
+
+class ModelTooLargeError(ModelCacheError):
+    """The model needs more device memory than the whole budget allows; raised at once."""
+
+
+class DeviceOutOfMemoryError(ModelCacheError, MemoryError):
+    """An allocation on the device failed (on a :class:`SimulatedDevice`, or a CUDA OOM)."""
+
+
+class MonitorError(ModelCacheError):
+    """A memory monitor could not be set up or read (e.g. NVML missing on a CPU-only machine)."""
+
+
+class CacheClosedError(ModelCacheError):
+    """The cache was closed."""
+
+
+__all__ = [
+    "ModelCacheError",
+    "ConfigError",
+    "ModelNotFoundError",
+    "DuplicateModelError",
+    "ModelInUseError",
+    "LoaderError",
+    "UnsupportedModelError",
+    "BackendError",
+    "CorruptFileError",
+    "LeaseTimeoutError",
+    "DeviceBusyError",
+    "ModelTooLargeError",
+    "DeviceOutOfMemoryError",
+    "MonitorError",
+    "CacheClosedError",
+]
