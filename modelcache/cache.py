@@ -346,7 +346,8 @@ class ModelCache:
                 self._step_up(entry)
                 if entry.tier is Tier.DEVICE:   # the loader's result was already on the device
                     self.check_pressure()
-                self._settle_host(keep=entry)
+                elif target is not Tier.DEVICE:  # else the swap-in settles the host tier
+                    self._settle_host(keep=entry)
 
     def _release(self, entry: _Entry) -> None:
         with self._cond:
@@ -487,7 +488,7 @@ class ModelCache:
             with self._cond:
                 self._record.incr("load_errors" if handle is None else "errors.move")
                 self._end_move(entry, error)
-            raise error from (exc if error is not exc else None)
+            _reraise(error, exc)
         seconds = time.perf_counter() - start
         self._record.observe(kind, seconds)
         with self._cond:
@@ -533,7 +534,6 @@ class ModelCache:
                     self._reservations.remove(reservation)
                     self._end_move(entry, error)
                 raise error from exc
-        self._settle_host(keep=entry)
         assert entry.handle is not None and entry.backend is not None
         start = time.perf_counter()
         try:
@@ -544,7 +544,7 @@ class ModelCache:
                 self._record.incr("errors.move")
                 self._reservations.remove(reservation)
                 self._end_move(entry, error)
-            raise error from (exc if error is not exc else None)
+            _reraise(error, exc)
         seconds = time.perf_counter() - start
         self._record.observe("swap_in", seconds)
         with self._cond:
@@ -554,6 +554,7 @@ class ModelCache:
             entry.last_error = None
             self._end_move(entry)
             grew = entry.device_bytes > reservation.need
+        self._settle_host()  # after the move: the model's own host bytes may have left with it
         if grew:  # the backend measured more than it estimated: restore the budget
             self.check_pressure()
 
@@ -590,7 +591,7 @@ class ModelCache:
                 entry.tier = handle.tier
                 self._end_move(entry, error)
             logger.warning("%s", error)
-            raise error from (exc if error is not exc else None)
+            _reraise(error, exc)
         with self._cond:
             entry.tier = handle.tier
             if entry.tier is Tier.UNLOADED:
@@ -890,6 +891,13 @@ def _call_loader(loader: Any) -> Any:
     if torch is not None and isinstance(loader, (torch.nn.Module, torch.Tensor)):
         return loader
     return loader() if callable(loader) else loader
+
+
+def _reraise(error: ModelCacheError, exc: BaseException) -> None:
+    """Raise ``error``; keep ``exc``'s own cause when it is ``exc`` itself."""
+    if error is exc:
+        raise error
+    raise error from exc
 
 
 def _release_quietly(backend: Backend, handle: Handle) -> None:
