@@ -1,0 +1,60 @@
+import subprocess
+import sys
+import textwrap
+
+import modelcache as mc
+from modelcache.cli import main
+
+HEAVY = ["onnxruntime", "onnx", "tensorrt", "tensorrt_rtx_bindings", "pycuda", "cuda", "pynvml", "torch"]
+
+
+def test_import_needs_no_heavy_package():
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {HEAVY!r}:
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import modelcache as mc
+        import numpy as np
+        with mc.ModelCache(monitor=mc.SimulatedDevice(1000), device_budget=500, reserve=0) as cache:
+            cache.register("a", lambda: np.zeros(10))
+            with cache.use("a") as m:
+                assert m.nbytes == 80
+        try:
+            mc.ModelCache()
+        except mc.MonitorError as exc:
+            assert "SimulatedDevice" in str(exc), exc
+        else:
+            raise AssertionError("NVML cannot work with pynvml blocked")
+        print("ok", sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok []"
+
+
+def test_demo_runs_and_reports(capsys):
+    assert main(["demo", "--models", "6", "--requests", "300", "--threads", "3", "--simulate"]) == 0
+    text = capsys.readouterr().out
+    assert "simulated GPU" in text and "(requested)" in text
+    assert "hit rate" in text and "evictions" in text
+    assert text.count("model-0") == 6
+
+
+def test_demo_exit_code_reports_failures(monkeypatch, capsys):
+    import modelcache.demo as demo
+
+    def broken(seed, nbytes):
+        raise RuntimeError("corrupt weights")
+
+    monkeypatch.setattr(demo, "_make_array", broken)
+    assert main(["demo", "--models", "2", "--requests", "4", "--threads", "1", "--simulate"]) == 1
+    assert "corrupt weights" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "modelcache", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "demo" in out.stdout
+    assert isinstance(mc.__version__, str)
