@@ -48,6 +48,12 @@ def _torch_kind(value: Any) -> Optional[str]:
     return None
 
 
+def _return_cached_cuda_memory() -> None:
+    """torch keeps freed blocks in its caching allocator, invisible to other processes and to
+    NVML's free memory: hand them back so the eviction shows as free memory."""
+    sys.modules["torch"].cuda.empty_cache()
+
+
 def _is_torch_module(value: Any) -> bool:
     return _torch_kind(value) == "module"
 
@@ -105,6 +111,7 @@ class PythonBackend(Backend):
             handle.allocation = None
         elif _torch_kind(handle.obj) is not None:
             handle.obj = handle.obj.to("cpu")
+            _return_cached_cuda_memory()
         handle.host_bytes = handle.nbytes
 
     def _to_disk_impl(self, handle: PythonHandle, directory: str) -> None:
@@ -137,7 +144,10 @@ class PythonBackend(Backend):
             handle.allocation.free()
             handle.allocation = None
         remove_quietly(handle.disk_path)
+        on_gpu = handle.tier is Tier.DEVICE and _torch_kind(handle.obj) is not None
         handle.obj = None
+        if on_gpu:
+            _return_cached_cuda_memory()
 
     def _model_impl(self, handle: PythonHandle) -> Any:
         return handle.obj
