@@ -109,10 +109,10 @@ class Lease:
     """A model held resident on the device while the lease is held. Use as a context manager
     (``with cache.use(name) as model``) or call :meth:`acquire` and :meth:`release`."""
 
-    __slots__ = ("_cache", "name", "timeout", "_entry", "_model")
+    __slots__ = ("_cache", "name", "timeout", "allow_host", "_entry", "_model")
 
-    def __init__(self, cache: "ModelCache", name: str, timeout: Optional[float]) -> None:
-        self._cache, self.name, self.timeout = cache, name, timeout
+    def __init__(self, cache: "ModelCache", name: str, timeout: Optional[float], allow_host: bool = False) -> None:
+        self._cache, self.name, self.timeout, self.allow_host = cache, name, timeout, allow_host
         self._entry: Optional[_Entry] = None
         self._model: Any = None
 
@@ -120,7 +120,8 @@ class Lease:
         """Make the model resident (waiting up to ``timeout`` seconds) and return it."""
         if self._entry is not None:
             raise ModelCacheError("this lease is already held; release it first", model=self.name)
-        self._entry, self._model = self._cache._acquire(self.name, self.timeout, lease=True)
+        self._entry, self._model = self._cache._acquire(self.name, self.timeout, lease=True,
+                                                        allow_host=self.allow_host)
         return self._model
 
     def release(self) -> None:
@@ -282,15 +283,20 @@ class ModelCache:
             _release_quietly(entry.backend, handle)
 
     # ------------------------------------------------------------------ the request path
-    def use(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT) -> Lease:
+    def use(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT, *, allow_host: bool = False) -> Lease:
         """A lease on ``name``: ``with cache.use(name) as model: ...``. While held, the model stays
-        on the device. Entering waits up to ``timeout`` seconds (None: forever) for room."""
-        return Lease(self, name, timeout)
+        on the device. Entering waits up to ``timeout`` seconds (None: forever) for room.
+
+        With ``allow_host=True``, a model parked on the host whose backend can serve it there
+        (e.g. an ONNX Runtime CPU session) is handed out at once, and its move to the device
+        starts in the background; the lease keeps it on the host meanwhile."""
+        return Lease(self, name, timeout, allow_host)
 
     @contextlib.asynccontextmanager
-    async def ause(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT) -> AsyncIterator[Any]:
+    async def ause(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT, *,
+                   allow_host: bool = False) -> AsyncIterator[Any]:
         """``async with cache.ause(name) as model``: :meth:`use` without blocking the event loop."""
-        lease = Lease(self, name, timeout)
+        lease = Lease(self, name, timeout, allow_host)
         task = asyncio.get_running_loop().run_in_executor(None, lease.acquire)
         try:
             model = await asyncio.shield(task)
@@ -303,7 +309,7 @@ class ModelCache:
             lease.release()
 
     def _acquire(self, name: str, timeout: Optional[float], *, lease: bool,
-                 target: Tier = Tier.DEVICE) -> Tuple[_Entry, Any]:
+                 target: Tier = Tier.DEVICE, allow_host: bool = False) -> Tuple[_Entry, Any]:
         """Bring ``name`` up to ``target``; with ``lease``, hold it there and return the model."""
         deadline = _deadline(timeout)
         missed = False
@@ -328,6 +334,10 @@ class ModelCache:
                     missed = True
                     entry.misses += 1
                     self._misses += 1
+                if allow_host and entry.tier is Tier.HOST:
+                    host_model = self._serve_on_host(entry)
+                    if host_model is not None:
+                        return entry, host_model
                 moving = entry.moving
                 reservation = None
                 if moving is not None:                                      # someone else is moving it
@@ -348,6 +358,22 @@ class ModelCache:
                     self.check_pressure()
                 elif target is not Tier.DEVICE:  # else the swap-in settles the host tier
                     self._settle_host(keep=entry)
+
+    def _serve_on_host(self, entry: _Entry) -> Any:
+        """Lock held: lease ``entry`` where it is, on the host, if its backend can serve it there,
+        and start its move to the device unless one is under way."""
+        assert entry.handle is not None and entry.backend is not None
+        model = entry.backend.host_model(entry.handle)
+        if model is None:
+            return None
+        entry.leases += 1
+        entry.uses += 1
+        entry.tick = next(self._clock)
+        entry.last_used = time.time()
+        self._record.incr("host_serves")
+        if entry.moving is None:
+            self._executor.submit(self._acquire, entry.name, _DEFAULT_TIMEOUT, lease=False)
+        return model
 
     def _release(self, entry: _Entry) -> None:
         with self._cond:
@@ -605,7 +631,7 @@ class ModelCache:
             if over <= 0 or self._closed:
                 return
             candidates = [e.candidate(e.host_bytes) for e in self._entries.values()
-                          if e.tier is Tier.HOST and e.moving is None and e is not keep]
+                          if e.tier is Tier.HOST and e.moving is None and e.leases == 0 and e is not keep]
             victims = []
             for candidate in self.policy.rank(candidates):
                 if over <= 0:
@@ -726,7 +752,7 @@ class ModelCache:
         out: Dict[str, Union[int, float]] = {key: 0 for key in (
             "loads", "load_errors", "evictions", "evictions.room", "evictions.pressure",
             "evictions.explicit", "demotions.disk", "demotions.unloaded", "waits.room", "errors.busy",
-            "errors.move")}
+            "errors.move", "host_serves")}
         out.update(self._record.snapshot())
         reading = self.monitor.reading()
         with self._cond:

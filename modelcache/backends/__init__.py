@@ -16,9 +16,10 @@ from .base import Backend, BackendContext, Handle
 #: name -> "module:Class", imported on first use
 BUILTIN: Dict[str, str] = {
     "python": "modelcache.backends.python:PythonBackend",
+    "onnxruntime": "modelcache.backends.onnxruntime:OnnxRuntimeBackend",
 }
 #: detection order for backend="auto": most specific first, "python" last
-AUTO_ORDER: List[str] = ["python"]
+AUTO_ORDER: List[str] = ["onnxruntime", "python"]
 
 _registry: Dict[str, Type[Backend]] = {}
 _lock = threading.Lock()

@@ -113,6 +113,11 @@ class Backend(ABC):
         self._expect(handle, Tier.DEVICE)
         return self._model_impl(handle)
 
+    def host_model(self, handle: Handle) -> Optional[Any]:
+        """A model that serves from the host tier while this one is off the device, or None.
+        Called with the cache's lock held: return an existing object, never build one here."""
+        return None
+
     def close(self) -> None:
         """Release backend-wide resources (pools, streams)."""
 

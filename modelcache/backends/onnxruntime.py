@@ -1,0 +1,730 @@
+"""The "onnxruntime" backend: ONNX models moved between the GPU, host RAM and disk.
+
+Loader results: a path to an ``.onnx`` file (external data beside it is read too), model bytes,
+an ``onnx.ModelProto``, or an ``onnxruntime.InferenceSession`` (its model path or bytes are
+reused). At load, initializers of at least ``weights_threshold`` bytes (default 1 MiB) are moved
+out of the graph into one host block (pinned on a GPU machine); then one of two swap modes runs:
+
+``mode="weights"`` (the default where it is correct)
+    The graph is rewritten so those initializers are graph inputs. One session is created once
+    and kept; the device tier is one device buffer filled by an asynchronous copy from the
+    pinned block, bound to the session's inputs through IOBinding. Swap-out frees the buffer;
+    swap-in copies it back: at PCIe speed, with no session creation.
+
+``mode="session"`` (the seed's recipe, done well)
+    The device tier is a session on the device, created from the graph plus the weights held in
+    host memory (``add_external_initializers_from_files_in_memory``: no file, no copy of the
+    weights into the graph); the first device session saves an optimized model, and later ones
+    load it with graph optimizations off. The host tier keeps the bytes (and, with
+    ``host_session=True``, a CPU session that serves while the model is evicted).
+
+``mode="auto"`` picks "weights" unless the rewrite fails or changes results: on first load both
+forms run on a sample input on the CPU and their outputs are compared. ``info().details`` says
+which mode a model runs in and why.
+
+Without a GPU (a :class:`SimulatedDevice`), "device" sessions use the CPU provider, and the
+device bytes are allocated on the simulated device.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .._fileio import atomic_write, model_file, read_verified, remove_quietly
+from ..cuda import DeviceBuffer, HostBlock, HostPool, PinnedPool, StreamPool, align, device_pointer
+from ..errors import ConfigError, CorruptFileError, ModelCacheError, UnsupportedModelError
+from ..tiers import Tier
+from .base import Backend, BackendContext, Handle
+
+MiB = 1 << 20
+WEIGHTS_FILE = "modelcache.weights"   # the external-data location the graph refers to
+_OPTIONS = {"mode", "weights_threshold", "host_session", "verify", "provider_options", "session_options",
+            "rtol", "atol", "size_hint"}
+
+
+class InvalidModelError(UnsupportedModelError):
+    """The ONNX model is malformed, incomplete (missing external data) or rejected by ONNX Runtime."""
+
+
+class ModelInputError(ModelCacheError, ValueError):
+    """A run was given inputs the model does not have, or lacks inputs it needs."""
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One initializer moved out of the graph: where it sits in the host block."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _ort() -> Any:
+    import onnxruntime
+    return onnxruntime
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ModelCacheError("the onnxruntime backend needs the onnx package: "
+                              "pip install 'modelcache[onnxruntime]'") from exc
+    return onnx
+
+
+class OrtHandle(Handle):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, Tier.HOST)
+        self.mode = "weights"
+        self.mode_reason = ""
+        self.graph = b""                       # serialized graph (weights mode: weights as inputs)
+        self.weights: List[Weight] = []
+        self.weights_nbytes = 0                # bytes used in the block (the block may be larger)
+        self.block: Optional[HostBlock] = None          # the weights in host memory
+        self.device_weights: Any = None                  # DeviceBuffer or SimulatedAllocation
+        self.session: Any = None                # weights mode: the long-lived session
+        self.host_session: Any = None           # a CPU session serving while on the host
+        self.optimized = False                  # session mode: graph saved optimized; load with opts off
+        self.session_device_bytes = 0           # device memory the session itself took (measured)
+        self.files: Dict[str, Tuple[str, str]] = {}    # disk tier: kind -> (path, sha256)
+        self.wrapper: Optional["OrtModel"] = None
+        self.host_wrapper: Optional["OrtModel"] = None
+        self.input_names: List[str] = []
+        self.output_names: List[str] = []
+        self.serve_on_host = False
+        self.options: Dict[str, Any] = {}
+
+    def estimated_device_bytes(self) -> int:
+        return self.device_bytes or (self.weights_nbytes + self.session_device_bytes)
+
+    def estimated_host_bytes(self) -> int:
+        return self.block.nbytes if self.block is not None else align(self.weights_nbytes)
+
+    def details(self) -> Dict[str, Any]:
+        return {"mode": self.mode, "mode_reason": self.mode_reason, "weights": len(self.weights),
+                "weights_bytes": self.weights_nbytes, "session_device_bytes": self.session_device_bytes,
+                "pinned": bool(self.block is not None and self.block.pinned),
+                "serves_on_host": self.host_session is not None, "optimized_graph": self.optimized}
+
+
+class OrtModel:
+    """What ``use()`` hands out: runs like an ``InferenceSession``.
+
+    ``run(output_names, input_feed)`` takes and returns numpy arrays with the original model's
+    names. :meth:`io_binding` gives an IOBinding with the weights already bound, for callers
+    that keep inputs and outputs on the GPU (bind them, then :meth:`run_with_iobinding`).
+    """
+
+    def __init__(self, name: str, session: Any, weights: Sequence[Weight], device: Optional[Tuple[str, int]],
+                 weight_base: Any, input_names: List[str], output_names: List[str]) -> None:
+        self.name = name
+        self._session = session
+        self._weights = list(weights)
+        self._device = device            # ("cuda", id) with weight_base a device address; None: host arrays
+        self._weight_base = weight_base  # int device address, or HostBlock
+        self._input_names = input_names
+        self._output_names = output_names
+        self._required = {i.name for i in session.get_inputs() if i.name in set(input_names)}
+        self.valid = True
+
+    # InferenceSession look-alikes ------------------------------------------------------------
+    def get_inputs(self) -> List[Any]:
+        names = set(self._input_names)
+        return [i for i in self._session.get_inputs() if i.name in names]
+
+    def get_outputs(self) -> List[Any]:
+        return self._session.get_outputs()
+
+    def get_providers(self) -> List[str]:
+        return self._session.get_providers()
+
+    def get_modelmeta(self) -> Any:
+        return self._session.get_modelmeta()
+
+    def run(self, output_names: Optional[Sequence[str]], input_feed: Dict[str, Any],
+            run_options: Any = None) -> List[np.ndarray]:
+        """Run with numpy inputs; returns numpy outputs (all outputs when ``output_names`` is None)."""
+        self._check(input_feed)
+        names = list(output_names) if output_names else self._output_names
+        unknown = [n for n in names if n not in self._output_names]
+        if unknown:
+            raise ModelInputError(f"unknown output(s) {unknown}; the model's outputs are {self._output_names}",
+                                  model=self.name)
+        if not self._weights:
+            return self._session.run(names, input_feed, run_options)
+        binding = self.io_binding()
+        for key, value in input_feed.items():
+            binding.bind_cpu_input(key, np.ascontiguousarray(value))
+        for out in names:
+            binding.bind_output(out, "cpu")
+        self.run_with_iobinding(binding, run_options)
+        return binding.copy_outputs_to_cpu()
+
+    def io_binding(self) -> Any:
+        """A fresh IOBinding with every weight bound (on the device, or from host memory)."""
+        self._alive()
+        binding = self._session.io_binding()
+        for w in self._weights:
+            if self._device is not None:
+                binding.bind_input(w.name, self._device[0], self._device[1], np.dtype(w.dtype), list(w.shape),
+                                   self._weight_base + w.offset)
+            else:
+                binding.bind_cpu_input(w.name, self._weight_base.view(w.offset, w.nbytes, w.dtype, w.shape))
+        return binding
+
+    def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
+        self._alive()
+        self._session.run_with_iobinding(binding, run_options)
+
+    def bind_device_input(self, binding: Any, name: str, array: Any, dtype: Any = None,
+                          shape: Optional[Sequence[int]] = None) -> None:
+        """Bind a GPU array (torch, CuPy: ``__cuda_array_interface__``; a pycuda allocation or raw
+        address with ``dtype`` and ``shape``) as input ``name``."""
+        if name not in self._input_names:
+            raise ModelInputError(f"unknown input {name!r}; the model's inputs are {self._input_names}",
+                                  model=self.name)
+        iface = getattr(array, "__cuda_array_interface__", None)
+        if iface is not None:
+            dtype = np.dtype(iface["typestr"]) if dtype is None else dtype
+            shape = iface["shape"] if shape is None else shape
+        if dtype is None or shape is None:
+            raise ModelInputError(f"input {name!r}: give dtype and shape with a raw device pointer", model=self.name)
+        device = self._device or ("cuda", 0)
+        binding.bind_input(name, device[0], device[1], np.dtype(dtype), list(shape), device_pointer(array))
+
+    # checks ------------------------------------------------------------------------------------
+    def _alive(self) -> None:
+        if not self.valid:
+            raise ModelCacheError("this model object was used after its lease ended and the model moved; "
+                                  "use it only inside `with cache.use(...)`", model=self.name)
+
+    def _check(self, feed: Dict[str, Any]) -> None:
+        self._alive()
+        if not isinstance(feed, dict):
+            raise ModelInputError(f"input_feed must be a dict of name -> array, not {type(feed).__name__}",
+                                  model=self.name)
+        unknown = [k for k in feed if k not in self._input_names]
+        missing = [k for k in self._required if k not in feed]
+        if unknown or missing:
+            raise ModelInputError(f"bad inputs: unknown {unknown}, missing {sorted(missing)}; the model's "
+                                  f"inputs are {self._input_names}", model=self.name)
+
+    def __repr__(self) -> str:
+        return f"OrtModel({self.name!r}, providers={self.get_providers()})"
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX models; see the module docstring."""
+
+    name = "onnxruntime"
+
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        self.on_gpu = not context.monitor.simulated
+        self.pool: HostPool = PinnedPool() if self.on_gpu else HostPool()
+        self.streams = StreamPool()
+        self._measure_lock = threading.Lock()
+        self._scratch: Optional[str] = None
+        self._scratch_lock = threading.Lock()
+
+    # detection -----------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, value: Any, options: Dict[str, Any]) -> bool:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value).lower().endswith(".onnx")
+        kind = f"{type(value).__module__}.{type(value).__name__}"
+        if kind.startswith("onnx.") and type(value).__name__ == "ModelProto":
+            return True
+        if kind.startswith("onnxruntime.") and type(value).__name__ == "InferenceSession":
+            return True
+        return isinstance(value, (bytes, bytearray)) and _looks_like_onnx(bytes(value[:64]))
+
+    # load: normalise, externalise the weights, choose the mode ----------------------------
+    def _load_impl(self, name: str, value: Any, options: Dict[str, Any]) -> OrtHandle:
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ConfigError(f"unknown onnxruntime option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}",
+                              model=name)
+        mode = options.get("mode", "auto")
+        if mode not in ("auto", "weights", "session"):
+            raise ConfigError(f"mode={mode!r}; use 'auto', 'weights' or 'session'", model=name)
+        threshold = int(options.get("weights_threshold", MiB))
+        proto = self._to_proto(name, value)
+        handle = OrtHandle(name)
+        handle.options = dict(options)
+        initializers = {i.name for i in proto.graph.initializer}
+        handle.input_names = [i.name for i in proto.graph.input if i.name not in initializers]
+        handle.output_names = [o.name for o in proto.graph.output]
+        try:
+            ext_graph, weights, block = self._externalize(name, proto, threshold)
+            del proto
+            handle.weights, handle.block = weights, block
+            handle.weights_nbytes = sum(w.nbytes for w in weights)
+            handle.host_bytes = block.nbytes if block is not None else 0
+            candidate = None
+            if mode == "session" or not weights:
+                handle.mode = "session"
+                handle.mode_reason = "requested" if mode == "session" else "no initializer above the threshold"
+            else:
+                weights_graph = _as_inputs(_onnx().load_from_string(ext_graph), weights)
+                reason = None
+                if options.get("verify", True) or mode == "auto":
+                    reason, candidate = self._verify(name, ext_graph, weights_graph, handle, options)
+                if reason is None:
+                    handle.mode = "weights"
+                    handle.mode_reason = "requested" if mode == "weights" else "outputs match on a sample input"
+                    ext_graph = weights_graph
+                elif mode == "weights":
+                    raise InvalidModelError(f"mode='weights' cannot be used: {reason}", model=name)
+                else:
+                    handle.mode, handle.mode_reason, candidate = "session", f"weights mode rejected: {reason}", None
+            handle.graph = ext_graph
+            serve = options.get("host_session")
+            handle.serve_on_host = handle.mode == "weights" if serve is None else bool(serve)
+            if handle.serve_on_host:   # nearly free in weights mode: the weights are on the host anyway
+                handle.host_session = candidate or self._host_session(handle)
+            return handle
+        except BaseException:
+            self._release_impl(handle)
+            raise
+
+    def _host_session(self, handle: "OrtHandle") -> Any:
+        return self._session(handle.name, handle.graph, handle.block, handle.weights_nbytes, cpu=True,
+                             options=handle.options, weights_as_inputs=handle.mode == "weights")
+
+    def _to_proto(self, name: str, value: Any) -> Any:
+        onnx = _onnx()
+        if type(value).__name__ == "InferenceSession":
+            path, data = getattr(value, "_model_path", None), getattr(value, "_model_bytes", None)
+            if not path and not data:
+                raise UnsupportedModelError("the InferenceSession keeps neither its model path nor its bytes; "
+                                            "return the path or bytes from the loader instead", model=name)
+            value = path or data
+        try:
+            if isinstance(value, (str, os.PathLike)):
+                path = os.fspath(value)
+                if not os.path.exists(path):
+                    raise InvalidModelError(f"no ONNX file at {path}", model=name)
+                return onnx.load(path, load_external_data=True)
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                return onnx.load_from_string(bytes(value))
+            if type(value).__name__ == "ModelProto":
+                copy = onnx.ModelProto()      # the weights are moved out: never touch the caller's proto
+                copy.CopyFrom(value)
+                return copy
+        except InvalidModelError:
+            raise
+        except FileNotFoundError as exc:
+            raise InvalidModelError(f"external data is missing: {exc}", model=name) from exc
+        except Exception as exc:
+            raise InvalidModelError(f"not a readable ONNX model: {type(exc).__name__}: {exc}", model=name) from exc
+        raise UnsupportedModelError(f"the onnxruntime backend takes a .onnx path, bytes, a ModelProto or an "
+                                    f"InferenceSession, not {type(value).__name__}", model=name)
+
+    def _externalize(self, name: str, proto: Any, threshold: int) -> Tuple[bytes, List[Weight], Optional[HostBlock]]:
+        """Move initializers >= threshold bytes into one host block; the graph refers to them as
+        external data at their offsets in that block."""
+        onnx = _onnx()
+        from onnx import numpy_helper
+        big = []
+        for init in proto.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                raise InvalidModelError(f"initializer {init.name!r} still refers to external data that "
+                                        f"was not loaded", model=name)
+            nbytes = _tensor_nbytes(init)
+            if nbytes >= threshold:
+                big.append((init, nbytes))
+        weights: List[Weight] = []
+        offset = 0
+        for init, nbytes in big:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            weights.append(Weight(init.name, np.dtype(dtype).str, tuple(int(d) for d in init.dims), offset, nbytes))
+            offset = align(offset + nbytes)
+        block = self.pool.get(offset) if weights else None
+        try:
+            for (init, nbytes), w in zip(big, weights):
+                array = numpy_helper.to_array(init)
+                assert block is not None and array.nbytes == nbytes
+                block.array[w.offset:w.offset + nbytes] = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+                init.ClearField("raw_data")
+                for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                    init.ClearField(field)
+                init.data_location = onnx.TensorProto.EXTERNAL
+                del init.external_data[:]
+                for key, val in (("location", WEIGHTS_FILE), ("offset", str(w.offset)), ("length", str(nbytes))):
+                    entry = init.external_data.add()
+                    entry.key, entry.value = key, val
+            return proto.SerializeToString(), weights, block
+        except BaseException:
+            if block is not None:
+                self.pool.put(block)
+            raise
+
+    def _verify(self, name: str, ext_graph: bytes, weights_graph: bytes, handle: "OrtHandle",
+                options: Dict[str, Any]) -> Tuple[Optional[str], Any]:
+        """Run the original and the weights-as-inputs graph on a sample input on the CPU. Returns
+        (None, the rewritten graph's CPU session) if their outputs match, else (why not, None)."""
+        reference = self._session(name, ext_graph, handle.block, handle.weights_nbytes, cpu=True, options=options)
+        try:
+            feed = _sample_feed(reference.get_inputs())
+        except ValueError as exc:
+            return str(exc), None
+        try:
+            candidate = self._session(name, weights_graph, None, 0, cpu=True, options=options,
+                                      weights_as_inputs=True)
+            model = OrtModel(name, candidate, handle.weights, None, handle.block, handle.input_names,
+                             handle.output_names)
+            got = model.run(None, feed)
+        except Exception as exc:
+            return f"the rewritten graph fails on ONNX Runtime ({type(exc).__name__}: {str(exc)[:300]})", None
+        expected = reference.run(None, feed)
+        rtol, atol = float(options.get("rtol", 1e-5)), float(options.get("atol", 1e-6))
+        for out, a, b in zip(handle.output_names, expected, got):
+            if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True):
+                return f"output {out!r} differs from the original model's", None
+        return None, candidate
+
+    # sessions -----------------------------------------------------------------------------------
+    def _providers(self, cpu: bool, options: Dict[str, Any]) -> List[Any]:
+        if cpu or not self.on_gpu:
+            return ["CPUExecutionProvider"]
+        ort = _ort()
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception:
+                pass
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ModelCacheError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+                                  f"(providers: {ort.get_available_providers()}); install onnxruntime-gpu")
+        cuda = {"device_id": str(self.context.device), "arena_extend_strategy": "kSameAsRequested",
+                "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
+        cuda.update({k: str(v) for k, v in (options.get("provider_options") or {}).items()})
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+    def _session(self, name: str, graph: bytes, block: Optional[HostBlock], nbytes: int, *, cpu: bool,
+                 options: Dict[str, Any], weights_as_inputs: bool = False, optimized: bool = False,
+                 save_optimized: Optional[str] = None) -> Any:
+        """An InferenceSession of ``graph``; external weights come from ``block`` in memory."""
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        for key, val in (options.get("session_options") or {}).items():
+            setattr(so, key, val)
+        if optimized:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if save_optimized:
+            so.optimized_model_filepath = save_optimized
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        os.path.basename(save_optimized) + ".data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                        str(int(options.get("weights_threshold", MiB))))
+        if block is not None and not weights_as_inputs:
+            buffer = block.array[:nbytes]
+            so.add_external_initializers_from_files_in_memory([WEIGHTS_FILE], [buffer], [nbytes])
+        try:
+            return ort.InferenceSession(graph, sess_options=so, providers=self._providers(cpu, options))
+        except ModelCacheError:
+            raise
+        except Exception as exc:
+            raise InvalidModelError(f"ONNX Runtime rejected the model: {type(exc).__name__}: {str(exc)[:500]}",
+                                    model=name) from exc
+
+    # moves ----------------------------------------------------------------------------------------
+    def _to_device_impl(self, handle: OrtHandle) -> None:
+        if handle.mode == "weights":
+            self._weights_to_device(handle)
+        else:
+            self._session_to_device(handle)
+        handle.device_bytes = handle.weights_nbytes + handle.session_device_bytes
+
+    def _weights_to_device(self, handle: OrtHandle) -> None:
+        assert handle.block is not None
+        nbytes = handle.weights_nbytes
+        if self.on_gpu:
+            buffer = DeviceBuffer(nbytes, self.context.device)
+            try:
+                stream = self.streams.get(self.context.device)
+                stream.copy_to_device(buffer.ptr, handle.block.ptr, nbytes)
+                stream.synchronize()
+                if handle.session is None:
+                    handle.session, handle.session_device_bytes = self._measured(
+                        lambda: self._session(handle.name, handle.graph, None, 0, cpu=False,
+                                              options=handle.options, weights_as_inputs=True))
+            except BaseException:
+                buffer.free()
+                raise
+            handle.device_weights = buffer
+            base: Any = buffer.ptr
+            device: Optional[Tuple[str, int]] = ("cuda", self.context.device)
+        else:
+            allocation = self.context.monitor.allocate(nbytes, owner=handle.name)  # type: ignore[attr-defined]
+            try:
+                if handle.session is None:
+                    handle.session = self._session(handle.name, handle.graph, None, 0, cpu=True,
+                                                   options=handle.options, weights_as_inputs=True)
+            except BaseException:
+                allocation.free()
+                raise
+            handle.device_weights = allocation
+            base, device = handle.block, None
+        handle.wrapper = OrtModel(handle.name, handle.session, handle.weights, device, base, handle.input_names,
+                                  handle.output_names)
+
+    def _session_to_device(self, handle: OrtHandle) -> None:
+        nbytes = handle.weights_nbytes
+        allocation = None
+        save = None
+        if not handle.optimized:
+            save = os.path.join(self._scratch_dir(), f"{abs(hash((handle.name, time.time())))}.onnx")
+        if not self.on_gpu:
+            allocation = self.context.monitor.allocate(nbytes, owner=handle.name)  # type: ignore[attr-defined]
+        try:
+            create = lambda: self._session(handle.name, handle.graph, handle.block, nbytes, cpu=not self.on_gpu,  # noqa: E731
+                                           options=handle.options, optimized=handle.optimized,
+                                           save_optimized=save)
+            if self.on_gpu:
+                session, measured = self._measured(create)
+                handle.session_device_bytes = max(0, measured - nbytes)
+            else:
+                session = create()
+        except BaseException:
+            if allocation is not None:
+                allocation.free()
+            raise
+        finally:
+            if save is not None:
+                self._adopt_optimized(handle, save)
+        handle.session, handle.device_weights = session, allocation
+        handle.wrapper = OrtModel(handle.name, session, [], None, None, handle.input_names, handle.output_names)
+
+    def _adopt_optimized(self, handle: OrtHandle, path: str) -> None:
+        """Keep the optimized model the first device session saved: later sessions load it with
+        optimizations off. Skipped (with the plain graph kept) if it was not saved."""
+        data_path = path + ".data"
+        try:
+            if not os.path.exists(path):
+                return
+            graph = open(path, "rb").read()
+            data = open(data_path, "rb").read() if os.path.exists(data_path) else b""
+            onnx = _onnx()
+            proto = onnx.load_from_string(graph)
+            location = os.path.basename(data_path)
+            for init in proto.graph.initializer:
+                for entry in init.external_data:
+                    if entry.key == "location" and entry.value == location:
+                        entry.value = WEIGHTS_FILE
+            block = self.pool.get(len(data)) if data else None
+            if block is not None:
+                block.array[:len(data)] = np.frombuffer(data, np.uint8)
+            old = handle.block
+            handle.graph, handle.block, handle.optimized = proto.SerializeToString(), block, True
+            handle.weights_nbytes = len(data)
+            handle.host_bytes = block.nbytes if block is not None else 0
+            if old is not None:
+                self.pool.put(old)
+        except Exception:
+            handle.optimized = False
+        finally:
+            remove_quietly(path)
+            remove_quietly(data_path)
+
+    def _measured(self, create: Any) -> Tuple[Any, int]:
+        """Run ``create()`` and return its result with this process's device-memory growth (NVML)."""
+        monitor = self.context.monitor
+        with self._measure_lock:
+            before = monitor.process_bytes() or 0
+            result = create()
+            after = monitor.process_bytes() or 0
+        return result, max(0, after - before)
+
+    def _to_host_impl(self, handle: OrtHandle) -> None:
+        if handle.wrapper is not None:
+            handle.wrapper.valid = False
+            handle.wrapper = None
+        if handle.mode == "session":
+            handle.session = None              # the last reference: its device memory goes now
+        if isinstance(handle.device_weights, DeviceBuffer):
+            handle.device_weights.free()
+        elif handle.device_weights is not None:
+            handle.device_weights.free()
+        handle.device_weights = None
+        handle.host_bytes = handle.block.nbytes if handle.block is not None else 0
+
+    def _to_disk_impl(self, handle: OrtHandle, directory: str) -> None:
+        graph_path = model_file(directory, handle.name, ".onnx")
+        weights_path = model_file(directory, handle.name, ".weights")
+        files = {"graph": (graph_path, atomic_write(graph_path, handle.graph))}
+        try:
+            if handle.block is not None:
+                files["weights"] = (weights_path, atomic_write(
+                    weights_path, memoryview(handle.block.array)[:handle.weights_nbytes]))
+        except BaseException:
+            remove_quietly(graph_path)
+            raise
+        handle.files, handle.disk_path = files, graph_path
+        handle.graph = b""
+        if handle.block is not None:
+            self.pool.put(handle.block)
+            handle.block = None
+        self._drop_host_session(handle)
+
+    def _from_disk_impl(self, handle: OrtHandle) -> None:
+        graph_path, graph_sha = handle.files["graph"]
+        graph = read_verified(graph_path, graph_sha, model=handle.name)
+        block = None
+        if "weights" in handle.files:
+            path, sha = handle.files["weights"]
+            block = self.pool.get(handle.weights_nbytes)
+            try:
+                _read_into(path, block, handle.weights_nbytes, sha, handle.name)
+            except BaseException:
+                self.pool.put(block)
+                raise
+        handle.graph, handle.block = graph, block
+        handle.host_bytes = block.nbytes if block is not None else 0
+        for path, _ in handle.files.values():
+            remove_quietly(path)
+        handle.files, handle.disk_path = {}, None
+        if handle.serve_on_host:
+            handle.host_session = self._host_session(handle)
+
+    def _drop_host_session(self, handle: OrtHandle) -> None:
+        if handle.host_wrapper is not None:
+            handle.host_wrapper.valid = False
+        handle.host_session = handle.host_wrapper = None
+
+    def _release_impl(self, handle: OrtHandle) -> None:
+        try:
+            if handle.wrapper is not None:
+                handle.wrapper.valid = False
+            if handle.device_weights is not None:
+                handle.device_weights.free()
+            handle.device_weights = None
+            handle.session = handle.wrapper = None
+            self._drop_host_session(handle)
+            if handle.block is not None:
+                self.pool.put(handle.block)
+                handle.block = None
+            for path, _ in handle.files.values():
+                remove_quietly(path)
+            handle.files = {}
+        except Exception:  # release must not raise
+            pass
+
+    def _model_impl(self, handle: OrtHandle) -> OrtModel:
+        assert handle.wrapper is not None
+        return handle.wrapper
+
+    def host_model(self, handle: OrtHandle) -> Optional[OrtModel]:
+        """A model that serves from host memory (CPU provider) while this one is off the device."""
+        if handle.host_session is None or handle.block is None and handle.weights:
+            return None
+        if handle.host_wrapper is None:
+            weights = handle.weights if handle.mode == "weights" else []
+            handle.host_wrapper = OrtModel(handle.name, handle.host_session, weights, None, handle.block,
+                                           handle.input_names, handle.output_names)
+        return handle.host_wrapper
+
+    def close(self) -> None:
+        self.streams.close()
+        self.pool.close()
+        if self._scratch is not None:
+            import shutil
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def _scratch_dir(self) -> str:
+        with self._scratch_lock:
+            if self._scratch is None:
+                base = self.context.disk_dir
+                self._scratch = tempfile.mkdtemp(prefix="modelcache-ort-", dir=base)
+            return self._scratch
+
+
+# helpers -------------------------------------------------------------------------------------------
+def _looks_like_onnx(head: bytes) -> bool:
+    """ModelProto starts with field 1 (ir_version, varint) in practice: byte 0x08."""
+    return len(head) > 2 and head[0] == 0x08
+
+
+def _tensor_nbytes(init: Any) -> int:
+    onnx = _onnx()
+    if init.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    count = int(np.prod(init.dims)) if len(init.dims) else 1
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return count * itemsize
+
+
+def _as_inputs(proto: Any, weights: Sequence[Weight]) -> bytes:
+    """The graph with the given initializers turned into graph inputs."""
+    onnx = _onnx()
+    names = {w.name for w in weights}
+    kept = [init for init in proto.graph.initializer if init.name not in names]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    existing = {i.name for i in proto.graph.input}
+    for w in weights:
+        if w.name in existing:       # an overridable initializer already listed as an input
+            continue
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(w.dtype))
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(w.name, elem, list(w.shape)))
+    return proto.SerializeToString()
+
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _sample_feed(inputs: Sequence[Any], seed: int = 0) -> Dict[str, np.ndarray]:
+    """A deterministic sample input for each graph input (symbolic dimensions become 1)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for i in inputs:
+        dtype = _ORT_DTYPES.get(i.type)
+        if dtype is None:
+            raise ValueError(f"input {i.name!r} of type {i.type} cannot be sampled")
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in (i.shape or [])]
+        if np.issubdtype(dtype, np.floating):
+            feed[i.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feed[i.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feed[i.name] = rng.integers(0, 2, shape).astype(dtype)
+    return feed
+
+
+def _read_into(path: str, block: HostBlock, nbytes: int, sha256: str, name: str) -> None:
+    """Read ``path`` straight into the (pinned) block, checking size and sha256."""
+    import hashlib
+    digest = hashlib.sha256()
+    view = memoryview(block.array)[:nbytes]
+    try:
+        with open(path, "rb") as f:
+            got = 0
+            while got < nbytes:
+                n = f.readinto(view[got:got + (64 * MiB)])
+                if not n:
+                    break
+                digest.update(view[got:got + n])
+                got += n
+            extra = f.read(1)
+    except OSError as exc:
+        raise CorruptFileError(f"cannot read {path}: {exc}", model=name) from exc
+    if got != nbytes or extra:
+        raise CorruptFileError(f"{path} has the wrong size (expected {nbytes} B)", model=name)
+    if digest.hexdigest() != sha256:
+        raise CorruptFileError(f"{path} fails its sha256 check: the file was changed", model=name)
+

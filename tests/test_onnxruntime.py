@@ -1,0 +1,252 @@
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import modelcache as mc
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from modelcache.backends.onnxruntime import InvalidModelError, ModelInputError  # noqa: E402
+from modelcache.generate import make_mlp, save_model  # noqa: E402
+
+HIDDEN = 512          # 1 MiB per weight matrix: at the default threshold
+X = np.random.default_rng(7).standard_normal((3, HIDDEN)).astype(np.float32)
+# Weights mode feeds weights as inputs; ONNX Runtime's CPU kernels pre-pack constant weights and sum
+# in another order, so on the CPU the two agree to float rounding, not bit for bit.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    proto = make_mlp(HIDDEN, 3, seed=1)
+    plain = save_model(proto, str(folder / "plain.onnx"))
+    external = save_model(make_mlp(HIDDEN, 3, seed=1), str(folder / "external.onnx"), external_data=True)
+    reference = ort.InferenceSession(plain, providers=["CPUExecutionProvider"]).run(None, {"x": X})[0]
+    return {"plain": plain, "external": external, "reference": reference, "folder": folder}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    device = mc.SimulatedDevice("256MiB")
+    with mc.ModelCache(monitor=device, reserve=0, disk_dir=str(tmp_path / "disk"), watch_interval=None) as c:
+        c.device_sim = device
+        yield c
+
+
+LOADERS = {
+    "path": lambda f: f["plain"],
+    "external-data path": lambda f: f["external"],
+    "bytes": lambda f: open(f["plain"], "rb").read(),
+    "ModelProto": lambda f: onnx.load(f["external"]),
+    "InferenceSession": lambda f: ort.InferenceSession(f["external"], providers=["CPUExecutionProvider"]),
+}
+
+
+@pytest.mark.parametrize("form", list(LOADERS))
+@pytest.mark.parametrize("mode", ["auto", "session"])
+def test_every_loader_form_and_mode_matches_plain_session(cache, model_files, form, mode):
+    value = LOADERS[form](model_files)
+    cache.register("m", lambda: value, backend="auto" if form != "bytes" else "onnxruntime",
+                   **({} if mode == "auto" else {"mode": mode}))
+    expected = model_files["reference"]
+    for cycle, tier in enumerate([mc.Tier.HOST, mc.Tier.DISK, mc.Tier.UNLOADED, mc.Tier.HOST, mc.Tier.DISK]):
+        with cache.use("m") as model:
+            got = model.run(["y"], {"x": X})[0]
+            info = cache.info("m")
+            assert info.backend == "onnxruntime" and info.tier is mc.Tier.DEVICE
+            if info.details["mode"] == "weights":
+                np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+            else:
+                np.testing.assert_array_equal(got, expected)
+            assert info.details["mode"] == ("weights" if mode == "auto" else "session")
+            assert info.device_bytes >= 3 * HIDDEN * HIDDEN * 4
+            assert cache.device_sim.process_bytes() == info.device_bytes
+        cache.evict("m", tier=tier)
+        assert cache.info("m").tier is tier and cache.device_sim.process_bytes() == 0
+
+
+def test_weights_mode_bytes_and_reason(cache, model_files):
+    cache.register("m", model_files["plain"])
+    with cache.use("m"):
+        info = cache.info("m")
+    assert info.details["mode"] == "weights" and "match" in info.details["mode_reason"]
+    assert info.details["weights"] == 3 and info.details["weights_bytes"] == 3 * HIDDEN * HIDDEN * 4
+    assert info.device_bytes == 3 * HIDDEN * HIDDEN * 4          # exact buffer sizes, no session overhead on CPU
+    assert cache.info("m").host_bytes >= info.details["weights_bytes"]  # the host copy stays (pinned on a GPU)
+
+
+def test_small_model_runs_in_session_mode(cache, tmp_path):
+    path = save_model(make_mlp(32, 2), str(tmp_path / "small.onnx"))
+    cache.register("small", path)
+    with cache.use("small") as model:
+        out = model.run(None, {"x": np.ones((2, 32), np.float32)})[0]
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((2, 32), np.float32)})[0]
+    np.testing.assert_array_equal(out, want)
+    assert cache.info("small").details["mode"] == "session"
+    assert "threshold" in cache.info("small").details["mode_reason"]
+
+
+def test_weights_threshold_option(cache, tmp_path):
+    path = save_model(make_mlp(32, 2), str(tmp_path / "small.onnx"))
+    cache.register("small", path, weights_threshold=1024)
+    with cache.use("small") as model:
+        model.run(None, {"x": np.ones((2, 32), np.float32)})
+    assert cache.info("small").details["mode"] == "weights" and cache.info("small").details["weights"] == 2
+
+
+def test_rewrite_that_changes_results_falls_back_to_session(cache, model_files, monkeypatch):
+    import modelcache.backends.onnxruntime as backend_module
+    real = backend_module._as_inputs
+
+    def wrong_rewrite(proto, weights):   # a rewrite that breaks the model's meaning
+        proto.graph.node[-1].op_type = "Neg"
+        return real(proto, weights)
+
+    monkeypatch.setattr(backend_module, "_as_inputs", wrong_rewrite)
+    cache.register("auto", model_files["plain"])
+    with cache.use("auto") as model:
+        np.testing.assert_array_equal(model.run(None, {"x": X})[0], model_files["reference"])
+    info = cache.info("auto")
+    assert info.details["mode"] == "session" and "differs" in info.details["mode_reason"]
+    cache.register("forced", model_files["plain"], mode="weights")
+    with pytest.raises(InvalidModelError, match="forced"):
+        with cache.use("forced"):
+            pass
+
+
+def test_rewrite_that_onnxruntime_rejects_falls_back(cache, model_files, monkeypatch):
+    import modelcache.backends.onnxruntime as backend_module
+    real = backend_module._as_inputs
+
+    def broken(proto, weights):
+        proto.graph.node[0].op_type = "NoSuchOp"
+        return real(proto, weights)
+
+    monkeypatch.setattr(backend_module, "_as_inputs", broken)
+    cache.register("m", model_files["plain"])
+    with cache.use("m"):
+        pass
+    assert "fails on ONNX Runtime" in cache.info("m").details["mode_reason"]
+
+
+def test_serving_on_host_while_evicted(cache, model_files):
+    cache.register("m", model_files["plain"])
+    cache.prefetch("m", tier=mc.Tier.HOST).result(30)
+    assert cache.info("m").tier is mc.Tier.HOST
+    with cache.use("m", allow_host=True) as model:
+        assert model.get_providers() == ["CPUExecutionProvider"]
+        np.testing.assert_allclose(model.run(None, {"x": X})[0], model_files["reference"], rtol=RTOL, atol=ATOL)
+        with pytest.raises(mc.ModelInUseError):
+            cache.evict("m", tier=mc.Tier.DISK)     # the host lease holds it on the host
+    for _ in range(200):                             # the swap-in started in the background
+        if cache.info("m").tier is mc.Tier.DEVICE:
+            break
+        threading.Event().wait(0.01)
+    assert cache.info("m").tier is mc.Tier.DEVICE
+    assert cache.stats()["host_serves"] == 1
+    cache.evict("m")
+    with cache.use("m") as model:                    # without allow_host: waits for the device
+        assert cache.info("m").tier is mc.Tier.DEVICE
+    cache.register("s", model_files["plain"], mode="session")   # session mode serves on host only if asked
+    cache.prefetch("s", tier=mc.Tier.HOST).result(30)
+    with cache.use("s", allow_host=True):
+        assert cache.info("s").tier is mc.Tier.DEVICE
+
+
+def test_device_fast_path_binding(cache, model_files):
+    cache.register("m", model_files["plain"])
+    with cache.use("m") as model:
+        binding = model.io_binding()
+        binding.bind_cpu_input("x", X)
+        binding.bind_output("y")
+        model.run_with_iobinding(binding)
+        out = binding.copy_outputs_to_cpu()[0]
+    np.testing.assert_allclose(out, model_files["reference"], rtol=RTOL, atol=ATOL)
+    assert [i.name for i in model.get_inputs()] == ["x"]     # weights are not user inputs
+    with pytest.raises(mc.ModelCacheError, match="after its lease"):
+        cache.evict("m")
+        model.run(None, {"x": X})
+
+
+def test_malformed_missing_data_and_bad_inputs_are_typed(cache, model_files, tmp_path):
+    cache.register("good", model_files["plain"])
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07this is not a protobuf" * 10)
+    cache.register("garbage", str(garbage))
+    missing = tmp_path / "missing.onnx"
+    save_model(make_mlp(HIDDEN, 2), str(missing), external_data=True)
+    os.unlink(str(missing) + ".data")
+    cache.register("missing", str(missing))
+    cache.register("nofile", str(tmp_path / "nope.onnx"))
+    for name in ["garbage", "missing", "nofile"]:
+        with pytest.raises(InvalidModelError) as err:
+            with cache.use(name):
+                pass
+        assert repr(name) in str(err.value) and isinstance(err.value, mc.ModelCacheError)
+        assert cache.info(name).tier is mc.Tier.UNLOADED
+    with cache.use("good") as model:
+        with pytest.raises(ModelInputError, match="unknown \\['input'\\]") as err:
+            model.run(None, {"input": X})
+        assert "'good'" in str(err.value) and isinstance(err.value, ValueError)
+        with pytest.raises(ModelInputError, match="missing"):
+            model.run(None, {})
+        with pytest.raises(ModelInputError, match="unknown output"):
+            model.run(["z"], {"x": X})
+        np.testing.assert_allclose(model.run(None, {"x": X})[0], model_files["reference"], rtol=RTOL, atol=ATOL)
+    with pytest.raises(mc.ConfigError, match="mode='fast'"):
+        cache.register("badmode", model_files["plain"], mode="fast")
+        with cache.use("badmode"):
+            pass
+
+
+def test_disk_tier_is_atomic_and_checked(cache, model_files):
+    cache.register("m", model_files["plain"])
+    info = cache.prefetch("m", tier=mc.Tier.HOST).result(30)
+    info = cache.evict("m", tier=mc.Tier.DISK)
+    folder = os.path.dirname(info.disk_path)
+    names = sorted(os.listdir(folder))
+    assert len(names) == 2 and not any(n.startswith(".tmp") for n in names)
+    weights = [os.path.join(folder, n) for n in names if n.endswith(".weights")][0]
+    assert os.path.getsize(weights) == 3 * HIDDEN * HIDDEN * 4
+    with open(weights, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff\xff\xff\xff")
+    with pytest.raises(mc.CorruptFileError, match="sha256"):
+        with cache.use("m"):
+            pass
+    assert cache.info("m").tier is mc.Tier.DISK
+    cache.evict("m", tier=mc.Tier.UNLOADED)
+    with cache.use("m") as model:      # the loader reads the original again
+        np.testing.assert_allclose(model.run(None, {"x": X})[0], model_files["reference"], rtol=RTOL, atol=ATOL)
+
+
+def test_concurrent_runs_and_evictions_stay_correct(model_files, tmp_path):
+    device = mc.SimulatedDevice("64MiB")
+    one = 3 * HIDDEN * HIDDEN * 4
+    with mc.ModelCache(monitor=device, device_budget=2 * one, reserve=0, watch_interval=None) as cache:
+        for i in range(4):
+            cache.register(f"m{i}", model_files["plain"], **({"mode": "session"} if i % 2 else {}))
+        errors = []
+
+        def worker(seed):
+            rng = np.random.default_rng(seed)
+            for _ in range(15):
+                name = f"m{rng.integers(4)}"
+                try:
+                    with cache.use(name, timeout=60) as model:
+                        got = model.run(None, {"x": X})[0]
+                    np.testing.assert_allclose(got, model_files["reference"], rtol=RTOL, atol=ATOL)
+                except Exception as exc:
+                    errors.append(repr(exc))
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[:2]
+        assert device.peak_process_bytes <= 2 * one
+        assert cache.stats()["evictions"] > 0
