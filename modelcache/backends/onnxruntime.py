@@ -428,11 +428,14 @@ class OnnxRuntimeBackend(Backend):
                                         os.path.basename(save_optimized) + ".data")
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                         str(int(options.get("weights_threshold", MiB))))
+        source: Any = graph
         if block is not None and not weights_as_inputs:
-            buffer = block.array[:nbytes]
-            so.add_external_initializers_from_files_in_memory([WEIGHTS_FILE], [buffer], [nbytes])
+            if hasattr(so, "add_external_initializers_from_files_in_memory"):
+                so.add_external_initializers_from_files_in_memory([WEIGHTS_FILE], [block.array[:nbytes]], [nbytes])
+            else:   # older onnxruntime: the weights go through a scratch file
+                source = self._scratch_files(graph, block, nbytes)
         try:
-            return ort.InferenceSession(graph, sess_options=so, providers=self._providers(cpu, options))
+            return ort.InferenceSession(source, sess_options=so, providers=self._providers(cpu, options))
         except ModelCacheError:
             raise
         except Exception as exc:
@@ -641,6 +644,15 @@ class OnnxRuntimeBackend(Backend):
         if self._scratch is not None:
             import shutil
             shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def _scratch_files(self, graph: bytes, block: HostBlock, nbytes: int) -> str:
+        folder = tempfile.mkdtemp(dir=self._scratch_dir())
+        with open(os.path.join(folder, WEIGHTS_FILE), "wb") as f:
+            f.write(memoryview(block.array)[:nbytes])
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(graph)
+        return path
 
     def _scratch_dir(self) -> str:
         with self._scratch_lock:

@@ -98,10 +98,11 @@ class NvmlMonitor(DeviceMonitor):
         except Exception as exc:
             raise MonitorError(f"NVML could not read device {self.device}: {exc}") from exc
 
-    def processes(self) -> Dict[int, int]:
-        """Bytes used per PID by compute processes on this GPU (cached for 50 ms)."""
+    def processes(self, fresh: bool = False) -> Dict[int, int]:
+        """Bytes used per PID by compute processes on this GPU (a reading up to 50 ms old unless
+        ``fresh``: the query is slow, and status displays poll it)."""
         with self._procs_lock:
-            cached = self._procs.get("procs")
+            cached = None if fresh else self._procs.get("procs")
             if cached is not None:
                 return dict(cached)
             try:
@@ -115,7 +116,8 @@ class NvmlMonitor(DeviceMonitor):
             return dict(table)
 
     def process_bytes(self, pid: Optional[int] = None) -> Optional[int]:
-        return self.processes().get(os.getpid() if pid is None else pid, 0)
+        """A fresh reading: backends measure allocations with it."""
+        return self.processes(fresh=True).get(os.getpid() if pid is None else pid, 0)
 
     def close(self) -> None:
         if not self._closed:
