@@ -2,11 +2,12 @@
 
     python benchmarks/ort_swap.py [--mib 512] [--cycles 5] [--json out.json] [--check]
 
-A generated model of ``--mib`` MiB (8 x MatMul of float32 weights; 512 MiB = 8 x 4096^2) is
-moved off the device and back by:
+A generated model of ``--mib`` MiB (8 x MatMul of float32 weights; 512 MiB = 8 x 4096^2), saved
+as one ``model.onnx`` as the seed loads it, is moved off the device and back by:
 
 - the seed's recipe: ``session.set_providers(["CPUExecutionProvider"])`` and back to CUDA;
-- stock re-creation: delete the session, ``InferenceSession(path)`` again;
+- stock re-creation: delete the session, ``InferenceSession("model.onnx")`` again (and, for
+  comparison, from a copy whose weights are in an external-data file);
 - modelcache, mode="session" and mode="weights" (``cache.evict`` / the swap-in inside ``use``);
 - the floor: one pinned host -> device copy of the weights (cudaMemcpyAsync from a pinned block).
 
@@ -62,8 +63,10 @@ def main() -> int:
     gpu = not args.simulate and _has_gpu(ort)
     hidden = int(round((args.mib * MiB / 4 / args.layers) ** 0.5))
     folder = tempfile.mkdtemp(prefix="ort-swap-")
-    path = save_model(make_mlp(hidden, args.layers, bias=False, batch=1), os.path.join(folder, "model.onnx"),
-                      external_data=True)
+    model = make_mlp(hidden, args.layers, bias=False, batch=1)
+    path = save_model(model, os.path.join(folder, "model.onnx"))          # one file, as the seed loads it
+    ext_path = save_model(model, os.path.join(folder, "model-ext.onnx"), external_data=True)
+    del model
     weights_bytes = args.layers * hidden * hidden * 4
     x = np.random.default_rng(0).standard_normal((1, hidden)).astype(np.float32)
     cuda = [("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}), "CPUExecutionProvider"]
@@ -88,13 +91,14 @@ def main() -> int:
     res["set_providers_out_s"], res["set_providers_in_s"] = median(outs), median(ins)
     del plain
 
-    # 2. stock re-creation from the file
-    ins = []
-    for _ in range(args.slow_cycles):
-        t, sess = timed(lambda: ort.InferenceSession(path, providers=device_providers))
-        ins.append(t)
-        del sess
-    res["recreate_in_s"] = median(ins)
+    # 2. stock re-creation: from the seed's single file, and from an external-data file
+    for key, source in (("recreate_in_s", path), ("recreate_external_in_s", ext_path)):
+        ins = []
+        for _ in range(args.slow_cycles):
+            t, sess = timed(lambda: ort.InferenceSession(source, providers=device_providers))
+            ins.append(t)
+            del sess
+        res[key] = median(ins)
 
     # 3. the floor: one copy of the weights into device memory
     res["floor_s"] = _floor(weights_bytes, gpu, args.cycles)
@@ -189,7 +193,8 @@ def _print(r, gpu) -> None:
     seed = "set_providers (seed §14)" if gpu else "set_providers (CPU re-init)"
     print(f"{'method':<34} {'swap-out':>12} {'swap-in':>12}")
     print(f"{seed:<34} {ms(r['set_providers_out_s']):>12} {ms(r['set_providers_in_s']):>12}")
-    print(f"{'stock InferenceSession(path)':<34} {'(del)':>12} {ms(r['recreate_in_s']):>12}")
+    print(f"{'stock InferenceSession(model.onnx)':<34} {'(del)':>12} {ms(r['recreate_in_s']):>12}")
+    print(f"{'stock, weights in external data':<34} {'(del)':>12} {ms(r['recreate_external_in_s']):>12}")
     print(f"{'modelcache mode=session':<34} {ms(r['session_out_s']):>12} {ms(r['session_in_s']):>12}")
     print(f"{'modelcache mode=weights':<34} {ms(r['weights_out_s']):>12} {ms(r['weights_in_s']):>12}")
     print(f"{'floor: pinned host->device copy' if gpu else 'floor: host memcpy':<34} {'':>12} {ms(r['floor_s']):>12}")

@@ -102,11 +102,20 @@ class OrtHandle(Handle):
         self.output_names: List[str] = []
         self.serve_on_host = False
         self.options: Dict[str, Any] = {}
+        self.host_dir: Optional[str] = None     # session mode: model.onnx + weights file
+        self.host_in_ram = True                 # host_dir is on tmpfs (counts as host memory)
+        self.optimized_for_cpu = False
+
+    def model_path(self) -> str:
+        assert self.host_dir is not None
+        return os.path.join(self.host_dir, "model.onnx")
 
     def estimated_device_bytes(self) -> int:
         return self.device_bytes or (self.weights_nbytes + self.session_device_bytes)
 
     def estimated_host_bytes(self) -> int:
+        if self.mode == "session":
+            return self.weights_nbytes
         return self.block.nbytes if self.block is not None else align(self.weights_nbytes)
 
     def details(self) -> Dict[str, Any]:
@@ -234,6 +243,7 @@ class OnnxRuntimeBackend(Backend):
         self.streams = StreamPool()
         self._measure_lock = threading.Lock()
         self._scratch: Optional[str] = None
+        self._shm: Optional[str] = None
         self._scratch_lock = threading.Lock()
 
     # detection -----------------------------------------------------------------------------
@@ -288,6 +298,8 @@ class OnnxRuntimeBackend(Backend):
                 else:
                     handle.mode, handle.mode_reason, candidate = "session", f"weights mode rejected: {reason}", None
             handle.graph = ext_graph
+            if handle.mode == "session":
+                self._write_host_files(handle)
             serve = options.get("host_session")
             handle.serve_on_host = handle.mode == "weights" if serve is None else bool(serve)
             if handle.serve_on_host:   # nearly free in weights mode: the weights are on the host anyway
@@ -298,8 +310,34 @@ class OnnxRuntimeBackend(Backend):
             raise
 
     def _host_session(self, handle: "OrtHandle") -> Any:
-        return self._session(handle.name, handle.graph, handle.block, handle.weights_nbytes, cpu=True,
-                             options=handle.options, weights_as_inputs=handle.mode == "weights")
+        if handle.mode == "session":
+            return self._session(handle.name, handle.model_path(), None, 0, cpu=True, options=handle.options,
+                                 optimized=handle.optimized_for_cpu)
+        return self._session(handle.name, handle.graph, None, 0, cpu=True, options=handle.options,
+                             weights_as_inputs=True)
+
+    def _write_host_files(self, handle: "OrtHandle") -> None:
+        """Session mode keeps its host tier as a model file and a weights file in RAM-backed storage
+        (/dev/shm where it has room): ONNX Runtime maps external data from a file, the fastest way
+        it creates a session. The host block goes back to the pool."""
+        folder = tempfile.mkdtemp(prefix="model-", dir=self._host_files_dir(handle.weights_nbytes))
+        try:
+            with open(os.path.join(folder, "model.onnx"), "wb") as f:
+                f.write(handle.graph)
+            if handle.block is not None:
+                with open(os.path.join(folder, WEIGHTS_FILE), "wb") as f:
+                    f.write(memoryview(handle.block.array)[:handle.weights_nbytes])
+        except BaseException:
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        handle.host_dir = folder
+        handle.host_in_ram = bool(self._shm) and folder.startswith(self._shm or "\0")
+        handle.graph = b""
+        if handle.block is not None:
+            self.pool.put(handle.block)
+            handle.block = None
+        handle.host_bytes = handle.weights_nbytes if handle.host_in_ram else 0
 
     def _to_proto(self, name: str, value: Any) -> Any:
         onnx = _onnx()
@@ -484,15 +522,15 @@ class OnnxRuntimeBackend(Backend):
                                   handle.output_names)
 
     def _session_to_device(self, handle: OrtHandle) -> None:
+        """A session on the device from the host files; the first one saves an optimized graph
+        that later ones load with optimizations off."""
         nbytes = handle.weights_nbytes
         allocation = None
-        save = None
-        if not handle.optimized:
-            save = os.path.join(self._scratch_dir(), f"{abs(hash((handle.name, time.time())))}.onnx")
+        save = None if handle.optimized else os.path.join(handle.host_dir or "", "optimized.onnx")
         if not self.on_gpu:
             allocation = self.context.monitor.allocate(nbytes, owner=handle.name)  # type: ignore[attr-defined]
         try:
-            create = lambda: self._session(handle.name, handle.graph, handle.block, nbytes, cpu=not self.on_gpu,  # noqa: E731
+            create = lambda: self._session(handle.name, handle.model_path(), None, 0, cpu=not self.on_gpu,  # noqa: E731
                                            options=handle.options, optimized=handle.optimized,
                                            save_optimized=save)
             if self.on_gpu:
@@ -511,30 +549,29 @@ class OnnxRuntimeBackend(Backend):
         handle.wrapper = OrtModel(handle.name, session, [], None, None, handle.input_names, handle.output_names)
 
     def _adopt_optimized(self, handle: OrtHandle, path: str) -> None:
-        """Keep the optimized model the first device session saved: later sessions load it with
-        optimizations off. Skipped (with the plain graph kept) if it was not saved."""
+        """Make the optimized graph the first device session saved the host files' model. Skipped
+        (the plain graph kept, optimizations on) if it was not saved."""
         data_path = path + ".data"
+        folder = handle.host_dir
         try:
-            if not os.path.exists(path):
+            if folder is None or not os.path.exists(path):
                 return
-            graph = open(path, "rb").read()
-            data = open(data_path, "rb").read() if os.path.exists(data_path) else b""
             onnx = _onnx()
-            proto = onnx.load_from_string(graph)
+            proto = onnx.load(path, load_external_data=False)
             location = os.path.basename(data_path)
             for init in proto.graph.initializer:
                 for entry in init.external_data:
                     if entry.key == "location" and entry.value == location:
                         entry.value = WEIGHTS_FILE
-            block = self.pool.get(len(data)) if data else None
-            if block is not None:
-                block.array[:len(data)] = np.frombuffer(data, np.uint8)
-            old = handle.block
-            handle.graph, handle.block, handle.optimized = proto.SerializeToString(), block, True
-            handle.weights_nbytes = len(data)
-            handle.host_bytes = block.nbytes if block is not None else 0
-            if old is not None:
-                self.pool.put(old)
+            with open(os.path.join(folder, "model.onnx.new"), "wb") as f:
+                f.write(proto.SerializeToString())
+            if os.path.exists(data_path):
+                os.replace(data_path, os.path.join(folder, WEIGHTS_FILE))
+                handle.weights_nbytes = os.path.getsize(os.path.join(folder, WEIGHTS_FILE))
+            os.replace(os.path.join(folder, "model.onnx.new"), handle.model_path())
+            handle.optimized = True
+            handle.optimized_for_cpu = not self.on_gpu
+            handle.host_bytes = handle.weights_nbytes if handle.host_in_ram else 0
         except Exception:
             handle.optimized = False
         finally:
@@ -566,20 +603,26 @@ class OnnxRuntimeBackend(Backend):
     def _to_disk_impl(self, handle: OrtHandle, directory: str) -> None:
         graph_path = model_file(directory, handle.name, ".onnx")
         weights_path = model_file(directory, handle.name, ".weights")
-        files = {"graph": (graph_path, atomic_write(graph_path, handle.graph))}
+        if handle.mode == "session":
+            graph = open(handle.model_path(), "rb").read()
+            weights: Any = _file_chunks(os.path.join(handle.host_dir or "", WEIGHTS_FILE))
+        else:
+            graph = handle.graph
+            weights = memoryview(handle.block.array)[:handle.weights_nbytes] if handle.block is not None else None
+        files = {"graph": (graph_path, atomic_write(graph_path, graph))}
         try:
-            if handle.block is not None:
-                files["weights"] = (weights_path, atomic_write(
-                    weights_path, memoryview(handle.block.array)[:handle.weights_nbytes]))
+            if handle.weights_nbytes:
+                files["weights"] = (weights_path, atomic_write(weights_path, weights))
         except BaseException:
             remove_quietly(graph_path)
             raise
         handle.files, handle.disk_path = files, graph_path
+        self._drop_host_session(handle)
         handle.graph = b""
         if handle.block is not None:
             self.pool.put(handle.block)
             handle.block = None
-        self._drop_host_session(handle)
+        self._remove_host_files(handle)
 
     def _from_disk_impl(self, handle: OrtHandle) -> None:
         graph_path, graph_sha = handle.files["graph"]
@@ -595,11 +638,22 @@ class OnnxRuntimeBackend(Backend):
                 raise
         handle.graph, handle.block = graph, block
         handle.host_bytes = block.nbytes if block is not None else 0
+        if handle.mode == "session":
+            self._write_host_files(handle)
         for path, _ in handle.files.values():
             remove_quietly(path)
         handle.files, handle.disk_path = {}, None
         if handle.serve_on_host:
-            handle.host_session = self._host_session(handle)
+            try:
+                handle.host_session = self._host_session(handle)
+            except ModelCacheError:   # e.g. a graph optimized for CUDA that the CPU cannot load
+                handle.host_session = None
+
+    def _remove_host_files(self, handle: OrtHandle) -> None:
+        if handle.host_dir is not None:
+            import shutil
+            shutil.rmtree(handle.host_dir, ignore_errors=True)
+            handle.host_dir = None
 
     def _drop_host_session(self, handle: OrtHandle) -> None:
         if handle.host_wrapper is not None:
@@ -621,6 +675,7 @@ class OnnxRuntimeBackend(Backend):
             for path, _ in handle.files.values():
                 remove_quietly(path)
             handle.files = {}
+            self._remove_host_files(handle)
         except Exception:  # release must not raise
             pass
 
@@ -630,7 +685,7 @@ class OnnxRuntimeBackend(Backend):
 
     def host_model(self, handle: OrtHandle) -> Optional[OrtModel]:
         """A model that serves from host memory (CPU provider) while this one is off the device."""
-        if handle.host_session is None or handle.block is None and handle.weights:
+        if handle.host_session is None:
             return None
         if handle.host_wrapper is None:
             weights = handle.weights if handle.mode == "weights" else []
@@ -641,9 +696,10 @@ class OnnxRuntimeBackend(Backend):
     def close(self) -> None:
         self.streams.close()
         self.pool.close()
-        if self._scratch is not None:
-            import shutil
-            shutil.rmtree(self._scratch, ignore_errors=True)
+        import shutil
+        for folder in (self._scratch, self._shm):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _scratch_files(self, graph: bytes, block: HostBlock, nbytes: int) -> str:
         folder = tempfile.mkdtemp(dir=self._scratch_dir())
@@ -653,6 +709,20 @@ class OnnxRuntimeBackend(Backend):
         with open(path, "wb") as f:
             f.write(graph)
         return path
+
+    def _host_files_dir(self, nbytes: int) -> str:
+        """/dev/shm (RAM) when it has room for twice ``nbytes``, else the scratch folder."""
+        import shutil
+        with self._scratch_lock:
+            if self._shm is None:
+                try:
+                    self._shm = tempfile.mkdtemp(prefix="modelcache-ort-", dir="/dev/shm")
+                except OSError:
+                    self._shm = ""
+            shm = self._shm
+        if shm and shutil.disk_usage(shm).free >= 2 * nbytes + 64 * MiB:
+            return shm
+        return self._scratch_dir()
 
     def _scratch_dir(self) -> str:
         with self._scratch_lock:
@@ -716,6 +786,15 @@ def _sample_feed(inputs: Sequence[Any], seed: int = 0) -> Dict[str, np.ndarray]:
         else:
             feed[i.name] = rng.integers(0, 2, shape).astype(dtype)
     return feed
+
+
+def _file_chunks(path: str, chunk: int = 64 * MiB):
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            if not data:
+                return
+            yield data
 
 
 def _read_into(path: str, block: HostBlock, nbytes: int, sha256: str, name: str) -> None:
