@@ -15,7 +15,8 @@ cuda-python, nvidia-ml-py): backends and monitors import them when first used.
 from .backends import Backend, BackendContext, Handle, register_backend
 from .cache import Lease, ModelCache
 from .errors import (BackendError, CacheClosedError, ConfigError, CorruptFileError, DeviceBusyError,
-                     DeviceOutOfMemoryError, DuplicateModelError, LeaseTimeoutError, LoaderError,
+                     DeviceOutOfMemoryError, DuplicateModelError, EngineBuildError, EngineCompatibilityError,
+                     EngineDeserializationError, LeaseTimeoutError, LoaderError,
                      ModelCacheError, ModelInUseError, ModelNotFoundError, ModelTooLargeError, MonitorError,
                      UnsupportedModelError)
 from .monitors import DeviceMonitor, HostMonitor, MemoryReading, NvmlMonitor, SimulatedDevice
@@ -34,5 +35,6 @@ __all__ = [
     "ModelCacheError", "ConfigError", "ModelNotFoundError", "DuplicateModelError", "ModelInUseError",
     "LoaderError", "UnsupportedModelError", "BackendError", "CorruptFileError", "LeaseTimeoutError",
     "DeviceBusyError", "ModelTooLargeError", "DeviceOutOfMemoryError", "MonitorError", "CacheClosedError",
+    "EngineDeserializationError", "EngineCompatibilityError", "EngineBuildError",
     "__version__",
 ]

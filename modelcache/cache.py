@@ -775,6 +775,11 @@ class ModelCache:
         if reading.process_bytes is not None:
             out["device.process_bytes"] = reading.process_bytes
         out["host.budget_bytes"] = self.host_budget_bytes
+        with self._cond:
+            backends = list(self._backends.values())
+        for backend in backends:
+            for key, value in backend.stats().items():
+                out[f"{backend.name}.{key}"] = value
         return out
 
     def close(self, timeout: Optional[float] = _DEFAULT_TIMEOUT) -> None:

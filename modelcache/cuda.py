@@ -55,8 +55,12 @@ def set_device(device: int) -> None:
     check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
 
 
-def _ptr(value: Any) -> int:
+def as_int(value: Any) -> int:
+    """An address or handle as an int (cuda-python objects expose ``getPtr()``)."""
     return int(value) if not hasattr(value, "getPtr") else int(value.getPtr())
+
+
+_ptr = as_int
 
 
 class HostBlock:

@@ -81,6 +81,23 @@ class DeviceOutOfMemoryError(ModelCacheError, MemoryError):
     """An allocation on the device failed (on a :class:`SimulatedDevice`, or a CUDA OOM)."""
 
 
+class EngineDeserializationError(BackendError):
+    """TensorRT refused a plan (corrupt, truncated, foreign, or built for another GPU); the
+    message carries TensorRT's own log lines (also on ``trt_messages``)."""
+
+    def __init__(self, message: str, *, model: Optional[str] = None, trt_messages: Optional[list] = None) -> None:
+        super().__init__(message, model=model)
+        self.trt_messages = list(trt_messages or [])
+
+
+class EngineCompatibilityError(ModelCacheError):
+    """A plan's sidecar says it was built for another TensorRT, CUDA or GPU than the one running."""
+
+
+class EngineBuildError(ModelCacheError):
+    """Building a TensorRT plan from ONNX failed; the message carries the parser's or builder's log."""
+
+
 class MonitorError(ModelCacheError):
     """A memory monitor could not be set up or read (e.g. NVML missing on a CPU-only machine)."""
 
@@ -105,4 +122,7 @@ __all__ = [
     "DeviceOutOfMemoryError",
     "MonitorError",
     "CacheClosedError",
+    "EngineDeserializationError",
+    "EngineCompatibilityError",
+    "EngineBuildError",
 ]

@@ -17,9 +17,10 @@ from .base import Backend, BackendContext, Handle
 BUILTIN: Dict[str, str] = {
     "python": "modelcache.backends.python:PythonBackend",
     "onnxruntime": "modelcache.backends.onnxruntime:OnnxRuntimeBackend",
+    "tensorrt": "modelcache.backends.tensorrt:TensorRTBackend",
 }
 #: detection order for backend="auto": most specific first, "python" last
-AUTO_ORDER: List[str] = ["onnxruntime", "python"]
+AUTO_ORDER: List[str] = ["tensorrt", "onnxruntime", "python"]
 
 _registry: Dict[str, Type[Backend]] = {}
 _lock = threading.Lock()

@@ -118,6 +118,10 @@ class Backend(ABC):
         Called with the cache's lock held: return an existing object, never build one here."""
         return None
 
+    def stats(self) -> Dict[str, Any]:
+        """Backend-wide counters for ``ModelCache.stats()`` (prefixed with the backend's name)."""
+        return {}
+
     def close(self) -> None:
         """Release backend-wide resources (pools, streams)."""
 

@@ -1,0 +1,374 @@
+"""TensorRT plumbing shared by the "tensorrt" backend and ``modelcache convert``: choosing the
+TensorRT module, capturing its log, describing the running environment, and the build cache
+(ONNX -> plan, keyed by the ONNX's sha256, the TensorRT version, the GPU and the build options).
+
+Code is written against the standard ``tensorrt`` module (>= 10); TensorRT-RTX
+(``tensorrt_rtx_bindings``) is accepted too, and any module with the same API can be passed as
+``trt_module`` (the tests pass a double of the runtime API).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from .._fileio import atomic_write
+from ..errors import ConfigError, EngineBuildError, ModelCacheError
+from ..sizes import Size, parse_size
+
+SIDECAR_FORMAT = 1
+_MODULES = ("tensorrt", "tensorrt_rtx_bindings")
+
+
+def import_trt(module: Union[None, str, Any] = None) -> Any:
+    """The TensorRT module: ``module`` itself, a module name, or the first of ``tensorrt`` (>= 10)
+    and ``tensorrt_rtx_bindings`` that imports."""
+    if module is not None and not isinstance(module, str):
+        return module
+    names = [module] if module else list(_MODULES)
+    problems = []
+    for name in names:
+        try:
+            trt = importlib.import_module(name)
+        except ImportError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        if not hasattr(trt, "Runtime"):
+            problems.append(f"{name}: no Runtime (a stub package?)")
+            continue
+        if name == "tensorrt" and _major(getattr(trt, "__version__", "0")) < 10:
+            problems.append(f"tensorrt {trt.__version__} is older than 10")
+            continue
+        return trt
+    raise ModelCacheError("no usable TensorRT module (" + "; ".join(problems) + "): pip install "
+                          "'modelcache[tensorrt]' (tensorrt>=10) or tensorrt-rtx-cu13-bindings, or pass trt_module=")
+
+
+def _major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
+
+
+class CapturingLogger:
+    """A TensorRT ILogger that keeps what TensorRT says, per thread, so a failed call can raise an
+    error carrying TensorRT's own message (TensorRT returns None and only logs)."""
+
+    def __new__(cls, trt: Any) -> Any:
+        base = trt.ILogger
+
+        class _Logger(base):  # type: ignore[misc, valid-type]
+            def __init__(self) -> None:
+                base.__init__(self)
+                self._local = threading.local()
+                self.recent: List[str] = []
+                self._lock = threading.Lock()
+
+            def log(self, severity: Any, msg: str) -> None:
+                text = f"[{getattr(severity, 'name', severity)}] {msg}"
+                lines = getattr(self._local, "lines", None)
+                if lines is not None:
+                    lines.append((severity, text))
+                with self._lock:
+                    self.recent.append(text)
+                    del self.recent[:-200]
+
+            def capture(self) -> "_Capture":
+                return _Capture(self)
+
+        return _Logger()
+
+
+class _Capture:
+    """``with logger.capture() as lines``: what TensorRT logs on this thread meanwhile."""
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+        self.lines: List[Tuple[Any, str]] = []
+
+    def __enter__(self) -> "_Capture":
+        self._saved = getattr(self._logger._local, "lines", None)
+        self._logger._local.lines = self.lines
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger._local.lines = self._saved
+
+    def errors(self, trt: Any) -> List[str]:
+        """Error-level lines, or all lines if none is an error."""
+        error_levels = {getattr(getattr(trt.ILogger, "Severity", None), n, None) for n in ("ERROR", "INTERNAL_ERROR")}
+        errs = [text for sev, text in self.lines if sev in error_levels or "ERROR" in str(sev)]
+        return errs or [text for _, text in self.lines]
+
+
+_loggers: Dict[int, Any] = {}
+_loggers_lock = threading.Lock()
+
+
+def logger_for(trt: Any) -> Any:
+    """One capturing logger per TensorRT module (TensorRT wants a single logger per process)."""
+    with _loggers_lock:
+        logger = _loggers.get(id(trt))
+        if logger is None:
+            logger = _loggers[id(trt)] = CapturingLogger(trt)
+        return logger
+
+
+def environment(trt: Any, device: int = 0, simulated: bool = False) -> Dict[str, Any]:
+    """What a plan is tied to: the TensorRT module and version, the CUDA runtime version, the GPU's
+    name and compute capability (None where they cannot be read, e.g. without a GPU)."""
+    env: Dict[str, Any] = {"trt_module": getattr(trt, "__name__", str(trt)),
+                           "trt_version": str(getattr(trt, "__version__", "unknown")),
+                           "cuda_version": None, "gpu_name": None, "compute_capability": None}
+    if simulated:
+        return env
+    try:
+        from ..cuda import check, runtime
+        rt = runtime()
+        version = check(rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
+        env["cuda_version"] = f"{version // 1000}.{(version % 1000) // 10}"
+        props = check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+        name = props.name
+        env["gpu_name"] = (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
+        env["compute_capability"] = f"{props.major}.{props.minor}"
+    except Exception:  # no GPU, no cuda-python: leave them unknown
+        pass
+    return env
+
+
+def mismatches(plan_env: Dict[str, Any], running: Dict[str, Any]) -> List[str]:
+    """Differences that stop a plan from running here; unknown values on either side are skipped."""
+    out = []
+    for key in ("trt_module", "trt_version", "compute_capability", "gpu_name"):
+        a, b = plan_env.get(key), running.get(key)
+        if a is not None and b is not None and str(a) != str(b):
+            out.append(f"{key}: plan {a!r}, running {b!r}")
+    a, b = plan_env.get("cuda_version"), running.get("cuda_version")
+    if a and b and str(a).split(".")[0] != str(b).split(".")[0]:
+        out.append(f"cuda_version: plan {a!r}, running {b!r}")
+    return out
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_sidecar(path: str, sidecar: Dict[str, Any]) -> None:
+    atomic_write(path, json.dumps(sidecar, indent=2, sort_keys=True).encode())
+
+
+def read_sidecar(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ModelCacheError(f"cannot read the plan's sidecar {path}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------- build options
+Shape = Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """trtexec-like options (the seed, §6/§11). ``profiles``: one dict per optimization profile,
+    input name -> (min, opt, max) shapes. ``workspace``: bytes or ``"1GiB"``. ``fp16`` needs a
+    TensorRT with the FP16 builder flag (TensorRT-RTX is strongly typed and has none)."""
+
+    fp16: bool = False
+    workspace: Optional[Size] = None
+    profiles: Sequence[Dict[str, Tuple[Sequence[int], Sequence[int], Sequence[int]]]] = field(default_factory=tuple)
+    compute_capability: Optional[str] = None   #: TensorRT-RTX target, e.g. "SM89"
+
+    @classmethod
+    def of(cls, value: Union[None, "BuildOptions", Dict[str, Any]]) -> "BuildOptions":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {"fp16", "workspace", "profiles", "compute_capability"}
+            if unknown:
+                raise ConfigError(f"unknown build option(s) {sorted(unknown)}; known: fp16, workspace, profiles, "
+                                  f"compute_capability")
+            return cls(**value)
+        raise ConfigError(f"build={value!r}: expected a dict or BuildOptions")
+
+    def key(self) -> Dict[str, Any]:
+        """A canonical, JSON-able form (part of the cache key and the sidecar)."""
+        profiles = [{name: [list(map(int, s)) for s in shapes] for name, shapes in sorted(p.items())}
+                    for p in self.profiles]
+        workspace = parse_size(self.workspace, what="workspace") if self.workspace is not None else None
+        return {"fp16": bool(self.fp16), "workspace": workspace, "profiles": profiles,
+                "compute_capability": self.compute_capability}
+
+
+# ---------------------------------------------------------------------------- the build cache
+class BuildCache:
+    """ONNX -> plan files under ``directory``, keyed by (ONNX sha256, TensorRT module and version,
+    GPU, build options). A second request for a key is a hit; concurrent requests for one key build
+    once (the others wait); plans and sidecars are written atomically."""
+
+    def __init__(self, directory: str, trt_module: Union[None, str, Any] = None, device: int = 0,
+                 simulated: bool = False) -> None:
+        self.directory = directory
+        self.trt = import_trt(trt_module)
+        self.device, self.simulated = device, simulated
+        self._inflight: Dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self.hits = self.builds = 0
+        os.makedirs(directory, exist_ok=True)
+
+    def key(self, onnx_sha256: str, options: BuildOptions) -> str:
+        env = environment(self.trt, self.device, self.simulated)
+        material = {"onnx_sha256": onnx_sha256, "trt_module": env["trt_module"], "trt_version": env["trt_version"],
+                    "gpu_name": env["gpu_name"], "compute_capability": env["compute_capability"],
+                    "options": options.key()}
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+    def get(self, onnx_path: str, options: Union[None, BuildOptions, Dict[str, Any]] = None
+            ) -> Tuple[str, Dict[str, Any], bool]:
+        """``(plan_path, sidecar, hit)`` for the ONNX file at ``onnx_path``."""
+        opts = BuildOptions.of(options)
+        if not os.path.exists(onnx_path):
+            raise EngineBuildError(f"no ONNX file at {onnx_path}")
+        onnx_sha = sha256_file(onnx_path)
+        key = self.key(onnx_sha, opts)
+        plan_path = os.path.join(self.directory, f"{key}.plan")
+        while True:
+            with self._lock:
+                cached = self._cached(plan_path)
+                if cached is not None:
+                    self.hits += 1
+                    return plan_path, cached, True
+                waiting = self._inflight.get(key)
+                if waiting is None:
+                    mine: Future = Future()
+                    self._inflight[key] = mine
+                    break
+            waiting.result()   # another thread builds this key; then it is a hit (or raise its error)
+        try:
+            sidecar = self._build(onnx_path, onnx_sha, opts, plan_path)
+            with self._lock:
+                self.builds += 1
+            mine.set_result(None)
+            return plan_path, sidecar, False
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _cached(self, plan_path: str) -> Optional[Dict[str, Any]]:
+        sidecar = read_sidecar(plan_path + ".json") if os.path.exists(plan_path) else None
+        if sidecar is None:
+            return None
+        if sha256_file(plan_path) != sidecar.get("plan_sha256"):
+            return None   # a damaged entry is rebuilt
+        return sidecar
+
+    def _build(self, onnx_path: str, onnx_sha: str, opts: BuildOptions, plan_path: str) -> Dict[str, Any]:
+        start = time.perf_counter()
+        plan = build_plan(self.trt, onnx_path, opts)
+        plan_sha = atomic_write(plan_path, memoryview(plan))
+        sidecar = dict(environment(self.trt, self.device, self.simulated))
+        sidecar.update({"format": SIDECAR_FORMAT, "plan_sha256": plan_sha, "onnx_sha256": onnx_sha,
+                        "onnx_path": os.path.abspath(onnx_path), "build_options": opts.key(),
+                        "build_seconds": round(time.perf_counter() - start, 3),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_sidecar(plan_path + ".json", sidecar)
+        return sidecar
+
+
+def build_plan(trt: Any, onnx_path: str, options: BuildOptions) -> Any:
+    """Parse ``onnx_path`` and build a serialized plan (IHostMemory). Raises EngineBuildError
+    carrying the parser's or TensorRT's messages."""
+    logger = logger_for(trt)
+    with logger.capture() as log:
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(os.path.abspath(onnx_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise EngineBuildError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors or log.errors(trt)))
+        config = builder.create_builder_config()
+        key = options.key()
+        if key["workspace"] is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, key["workspace"])
+        if options.fp16:
+            flag = getattr(trt.BuilderFlag, "FP16", None)
+            if flag is None:
+                raise ConfigError(f"fp16: {getattr(trt, '__name__', trt)} has no FP16 builder flag (TensorRT-RTX "
+                                  f"is strongly typed: convert the ONNX model to float16 instead)")
+            config.set_flag(flag)
+        if options.compute_capability:
+            cc = getattr(getattr(trt, "ComputeCapability", None), options.compute_capability, None)
+            if cc is None:
+                raise ConfigError(f"compute_capability={options.compute_capability!r} is unknown to this TensorRT")
+            config.num_compute_capabilities = 1
+            config.set_compute_capability(cc, 0)
+        for profile_shapes in (key["profiles"] or [_default_profile(network)]):
+            if not profile_shapes:
+                continue
+            profile = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in profile_shapes.items():
+                profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+            config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise EngineBuildError(f"TensorRT could not build {onnx_path}: " + "; ".join(log.errors(trt)[-5:]))
+    return plan
+
+
+def _default_profile(network: Any) -> Dict[str, List[List[int]]]:
+    """Dynamic dimensions 1 (min), 1 (opt), 16 (max) when no profile is given."""
+    profile = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape):
+            profile[tensor.name] = [[1 if d < 0 else d for d in shape], [1 if d < 0 else d for d in shape],
+                                    [16 if d < 0 else d for d in shape]]
+    return profile
+
+
+def parse_shapes(text: str) -> Dict[str, List[int]]:
+    """trtexec's shape syntax: ``"x:1x64,mask:1x128"`` -> ``{"x": [1, 64], "mask": [1, 128]}``."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, dims = part.rpartition(":")
+        if not name or not dims:
+            raise ConfigError(f"shape {part!r} is not NAME:DxDx...")
+        try:
+            out[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise ConfigError(f"shape {part!r} has a non-integer dimension") from None
+    return out
+
+
+def profiles_from_shapes(min_shapes: str, opt_shapes: str, max_shapes: str) -> List[Dict[str, Any]]:
+    lo, opt, hi = parse_shapes(min_shapes), parse_shapes(opt_shapes), parse_shapes(max_shapes)
+    if not (set(lo) == set(opt) == set(hi)):
+        raise ConfigError("--minShapes, --optShapes and --maxShapes must name the same inputs")
+    return [{name: (lo[name], opt[name], hi[name]) for name in lo}] if lo else []
+
+
+def iter_io(engine: Any, trt: Any) -> Iterator[Tuple[str, bool]]:
+    """``(name, is_input)`` for each I/O tensor of ``engine``."""
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        yield name, engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
