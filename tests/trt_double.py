@@ -320,3 +320,44 @@ class Builder:
         STATS["build"] += 1
         return make_plan({t.name: list(t.shape) for t in network.inputs},
                          {t.name: list(t.shape) for t in network.outputs}, weights_bytes=network.weights)
+
+
+# ---------------------------------------------------------------- on a real GPU
+#: When True, tensor and scratch addresses are CUDA device pointers: execute_async_v3 waits for the
+#: stream, then reads and writes them with cudaMemcpy (cuda-python). The GPU tests use this to run
+#: modelcache's real device buffers, copies and streams around the double.
+DEVICE_MEMORY = False
+
+
+def _device_rw(ptr, count, data=None):
+    from cuda.bindings import runtime as rt
+    if data is None:
+        out = np.empty(count, np.float32)
+        err, = rt.cudaMemcpy(out.ctypes.data, ptr, out.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+        assert err == rt.cudaError_t.cudaSuccess, err
+        return out
+    err, = rt.cudaMemcpy(ptr, data.ctypes.data, data.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice)
+    assert err == rt.cudaError_t.cudaSuccess, err
+
+
+_host_execute = IExecutionContext.execute_async_v3
+
+
+def _execute(self, stream_handle):
+    if not DEVICE_MEMORY:
+        return _host_execute(self, stream_handle)
+    from cuda.bindings import runtime as rt
+    h = self.engine._h
+    if self.strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self._memory is None:
+        return False
+    rt.cudaStreamSynchronize(stream_handle)
+    first = next(iter(h["inputs"]))
+    count = int(np.prod(self._shapes[first]))
+    x = _device_rw(self._addresses[first], count)
+    for out in h["outputs"]:
+        _device_rw(self._addresses[out], count, (x * np.float32(h["scale"])).astype(np.float32))
+    STATS["execute"] += 1
+    return True
+
+
+IExecutionContext.execute_async_v3 = _execute

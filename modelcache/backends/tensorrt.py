@@ -142,7 +142,7 @@ class ScratchPool:
         finally:
             with self._lock:
                 self.busy -= 1
-                stale = slot is not None and slot[2] < self.slot_bytes
+                stale = slot is not None and slot[2] != self.slot_bytes   # engines changed meanwhile
                 if slot is not None and not stale:
                     self._idle.append(slot)
             if stale:
