@@ -56,8 +56,9 @@ def set_device(device: int) -> None:
 
 
 def as_int(value: Any) -> int:
-    """An address or handle as an int (cuda-python objects expose ``getPtr()``)."""
-    return int(value) if not hasattr(value, "getPtr") else int(value.getPtr())
+    """An address or handle as an int. cuda-python handles (``cudaStream_t``...) convert with
+    ``int()``; their ``getPtr()`` is the address of the handle's storage, not the handle."""
+    return int(value)
 
 
 _ptr = as_int

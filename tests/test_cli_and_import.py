@@ -58,3 +58,9 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "modelcache", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "demo" in out.stdout
     assert isinstance(mc.__version__, str)
+
+
+def test_cuda_handles_convert_to_their_value():
+    bindings = __import__("pytest").importorskip("cuda.bindings.runtime")
+    from modelcache.cuda import as_int
+    assert as_int(bindings.cudaStream_t(1234)) == 1234
