@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import (Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Tuple,
@@ -42,6 +43,7 @@ logger = logging.getLogger("modelcache")
 
 F = TypeVar("F", bound=Callable[..., Any])
 _DEFAULT_TIMEOUT = 30.0
+LIVE_CACHES: "weakref.WeakSet[ModelCache]" = weakref.WeakSet()   # for `modelcache.status`
 
 
 class _Entry:
@@ -109,19 +111,20 @@ class Lease:
     """A model held resident on the device while the lease is held. Use as a context manager
     (``with cache.use(name) as model``) or call :meth:`acquire` and :meth:`release`."""
 
-    __slots__ = ("_cache", "name", "timeout", "allow_host", "_entry", "_model")
+    __slots__ = ("_cache", "name", "timeout", "allow_host", "_entry", "_model", "hit")
 
     def __init__(self, cache: "ModelCache", name: str, timeout: Optional[float], allow_host: bool = False) -> None:
         self._cache, self.name, self.timeout, self.allow_host = cache, name, timeout, allow_host
         self._entry: Optional[_Entry] = None
         self._model: Any = None
+        self.hit: Optional[bool] = None   #: after acquire: True if the model was already on the device
 
     def acquire(self) -> Any:
         """Make the model resident (waiting up to ``timeout`` seconds) and return it."""
         if self._entry is not None:
             raise ModelCacheError("this lease is already held; release it first", model=self.name)
-        self._entry, self._model = self._cache._acquire(self.name, self.timeout, lease=True,
-                                                        allow_host=self.allow_host)
+        self._entry, self._model, self.hit = self._cache._acquire(self.name, self.timeout, lease=True,
+                                                                  allow_host=self.allow_host)
         return self._model
 
     def release(self) -> None:
@@ -222,6 +225,7 @@ class ModelCache:
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         self.watch_interval = watch_interval
+        LIVE_CACHES.add(self)
         if watch_interval:
             self._watcher = threading.Thread(target=self._watch, name="modelcache-watcher", daemon=True)
             self._watcher.start()
@@ -309,8 +313,9 @@ class ModelCache:
             lease.release()
 
     def _acquire(self, name: str, timeout: Optional[float], *, lease: bool,
-                 target: Tier = Tier.DEVICE, allow_host: bool = False) -> Tuple[_Entry, Any]:
-        """Bring ``name`` up to ``target``; with ``lease``, hold it there and return the model."""
+                 target: Tier = Tier.DEVICE, allow_host: bool = False) -> Tuple[_Entry, Any, bool]:
+        """Bring ``name`` up to ``target``; with ``lease``, hold it there and return the model, and
+        whether it was a hit."""
         deadline = _deadline(timeout)
         missed = False
         while True:
@@ -318,7 +323,7 @@ class ModelCache:
                 entry = self._get(name)
                 if entry.tier <= target and entry.moving is None:           # resident: a hit
                     if not lease:
-                        return entry, None
+                        return entry, None, not missed
                     entry.leases += 1
                     entry.uses += 1
                     entry.tick = next(self._clock)
@@ -329,7 +334,7 @@ class ModelCache:
                     if self._policy_on_use:
                         self.policy.on_use(entry.candidate(entry.device_bytes))
                     assert entry.handle is not None and entry.backend is not None
-                    return entry, entry.backend.model(entry.handle)
+                    return entry, entry.backend.model(entry.handle), not missed
                 if lease and not missed:
                     missed = True
                     entry.misses += 1
@@ -337,7 +342,7 @@ class ModelCache:
                 if allow_host and entry.tier is Tier.HOST:
                     host_model = self._serve_on_host(entry)
                     if host_model is not None:
-                        return entry, host_model
+                        return entry, host_model, False
                 moving = entry.moving
                 reservation = None
                 if moving is not None:                                      # someone else is moving it
@@ -781,6 +786,24 @@ class ModelCache:
             for key, value in backend.stats().items():
                 out[f"{backend.name}.{key}"] = value
         return out
+
+    def status(self) -> Dict[str, Any]:
+        """``stats()`` plus every entry, JSON-ready (what ``modelcache status --cache FILE`` shows)."""
+        entries = []
+        for info in self.entries():
+            row = {k: getattr(info, k) for k in ("name", "device_bytes", "host_bytes", "disk_path", "hits",
+                                                  "misses", "loads", "leases", "last_used", "backend", "pinned")}
+            row["tier"] = str(info.tier)
+            row["mode"] = info.details.get("mode")
+            entries.append(row)
+        return {"time": time.time(), "device": self.device, "policy": self.policy.name, "stats": self.stats(),
+                "entries": entries}
+
+    def dump_status(self, path: str) -> None:
+        """Write :meth:`status` to ``path`` atomically, for ``modelcache status --cache PATH``."""
+        import json
+        from ._fileio import atomic_write
+        atomic_write(path, json.dumps(self.status(), indent=1, default=str).encode())
 
     def close(self, timeout: Optional[float] = _DEFAULT_TIMEOUT) -> None:
         """Stop the watcher, wait for moves in flight, free every model. Idempotent."""

@@ -35,25 +35,6 @@ def test_import_needs_no_heavy_package():
     assert out.stdout.strip() == "ok []"
 
 
-def test_demo_runs_and_reports(capsys):
-    assert main(["demo", "--models", "6", "--requests", "300", "--threads", "3", "--simulate"]) == 0
-    text = capsys.readouterr().out
-    assert "simulated GPU" in text and "(requested)" in text
-    assert "hit rate" in text and "evictions" in text
-    assert text.count("model-0") == 6
-
-
-def test_demo_exit_code_reports_failures(monkeypatch, capsys):
-    import modelcache.demo as demo
-
-    def broken(seed, nbytes):
-        raise RuntimeError("corrupt weights")
-
-    monkeypatch.setattr(demo, "_make_array", broken)
-    assert main(["demo", "--models", "2", "--requests", "4", "--threads", "1", "--simulate"]) == 1
-    assert "corrupt weights" in capsys.readouterr().out
-
-
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "modelcache", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "demo" in out.stdout

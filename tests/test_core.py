@@ -34,6 +34,17 @@ def test_use_loads_then_hits(make_cache, device):
     assert stats["device.bytes"] == 100 and stats["swap_in.count"] == 1 and "swap_in.seconds.p50" in stats
 
 
+def test_lease_says_whether_it_was_a_hit(make_cache):
+    cache = make_cache()
+    cache.register("a", array_loader(1))
+    first, second = cache.use("a"), cache.use("a")
+    first.acquire()
+    second.acquire()
+    assert (first.hit, second.hit) == (False, True)
+    first.release()
+    second.release()
+
+
 def test_lru_evicts_least_recently_used(make_cache):
     cache = make_cache(policy="lru")
     for i in range(4):

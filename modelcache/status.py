@@ -1,0 +1,65 @@
+"""``modelcache status``: the GPUs as NVML sees them, and caches' entries."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from .errors import MonitorError
+from .sizes import format_bytes
+
+
+def gpu_table() -> List[str]:
+    """One row per GPU (used, free, total, processes), or why there is none."""
+    from .monitors.nvml import NvmlMonitor, _nvml, _release
+    try:
+        pynvml = _nvml()
+    except MonitorError as exc:
+        return [f"no GPU table: {exc.reason}"]
+    try:
+        n = pynvml.nvmlDeviceGetCount()
+    finally:
+        _release()
+    rows = [f"{'gpu':<4} {'name':<28} {'used':>10} {'free':>10} {'total':>10}  processes (pid: bytes)"]
+    import os
+    visible = os.environ.pop("CUDA_VISIBLE_DEVICES", None)   # list every GPU by its NVML index
+    try:
+        for index in range(n):
+            monitor = NvmlMonitor(index)
+            try:
+                reading = monitor.reading()
+                procs = ", ".join(f"{pid}: {format_bytes(b)}" for pid, b in sorted(monitor.processes().items()))
+                rows.append(f"{index:<4} {monitor.name[:28]:<28} {format_bytes(reading.used_bytes):>10} "
+                            f"{format_bytes(reading.free_bytes):>10} {format_bytes(reading.total_bytes):>10}  "
+                            f"{procs or '-'}")
+            finally:
+                monitor.close()
+    finally:
+        if visible is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    return rows
+
+
+def cache_table(status: Dict[str, Any]) -> List[str]:
+    """A cache's entries from ``ModelCache.status()`` (or the JSON ``dump_status`` wrote)."""
+    stats = status["stats"]
+    rows = [f"cache on device {status['device']}, policy {status['policy']}: {stats['models']} models, "
+            f"{format_bytes(stats['device.bytes'])} of a {format_bytes(stats['device.budget_bytes'])} budget on the "
+            f"device, hit rate {stats['hit_rate']:.1%}",
+            f"{'model':<24} {'tier':<9} {'device':>10} {'host':>10} {'hits':>7} {'misses':>7} {'loads':>5} "
+            f"{'leases':>6} {'backend':<12} {'mode':<8}"]
+    for e in sorted(status["entries"], key=lambda e: e["name"]):
+        rows.append(f"{e['name'][:24]:<24} {e['tier']:<9} {format_bytes(e['device_bytes']):>10} "
+                    f"{format_bytes(e['host_bytes']):>10} {e['hits']:>7} {e['misses']:>7} {e['loads']:>5} "
+                    f"{e['leases']:>6} {str(e['backend']):<12} {str(e.get('mode') or '-'):<8}")
+    return rows
+
+
+def report() -> str:
+    """The GPU table and every live cache in this process, as text."""
+    from .cache import LIVE_CACHES
+    lines = gpu_table()
+    for cache in list(LIVE_CACHES):
+        try:
+            lines += [""] + cache_table(cache.status())
+        except Exception:   # a closed cache
+            continue
+    return "\n".join(lines)

@@ -1,0 +1,557 @@
+"""``modelcache stress``: one request trace served by modelcache (each policy) and by what a user
+would otherwise do, side by side, with every response checked.
+
+Contenders:
+- ``modelcache-<policy>``: a :class:`ModelCache` with the ONNX Runtime backend in weights mode;
+  every model is registered and parked on the host first (untimed), as a service would at start.
+- ``lru-count``: LRU by model count, as Ray Serve's ``max_num_models_per_replica`` does, with the
+  count a user must pick to be safe (``budget // largest model``) and stock sessions created from
+  the model file on every miss.
+- ``naive``: the seed's recipe: load the requested model on a miss and unload the rest.
+- ``belady``: the offline optimum hit rate of the trace (furthest-in-future by bytes), computed.
+
+On a machine without a GPU the device is simulated: the baselines' sessions run on the CPU and
+allocate their weights' bytes on a :class:`SimulatedDevice` of ``device_total`` bytes, so peak
+memory and out-of-memory failures are measured the same way for everyone.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ConfigError, DeviceOutOfMemoryError, ModelCacheError
+from .monitors import DeviceMonitor, NvmlMonitor, SimulatedDevice
+from .sizes import Size, format_bytes, parse_size
+from .workload import belady_hits, make_trace, read_trace
+
+MiB = 1 << 20
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: str
+    nbytes: int                 #: weights bytes
+    x: np.ndarray               #: the input every request sends
+    reference: np.ndarray       #: the expected output
+
+
+@dataclass
+class StressConfig:
+    models: int = 12
+    min_size: Size = "4MiB"
+    max_size: Size = "48MiB"
+    layers: int = 4
+    model_files: Sequence[str] = ()
+    workload: str = "zipf"          #: "zipf", "uniform", or a trace file path
+    zipf_s: float = 1.1
+    requests: int = 2000
+    threads: int = 4
+    budget: Size = "64MiB"
+    reserve: Size = 0
+    policies: Sequence[str] = ("lru", "lfu", "cost")
+    baselines: Sequence[str] = ("lru-count", "naive")
+    baseline_requests: Optional[int] = None   #: serve only a prefix of the trace for the baselines
+    simulate: bool = False
+    device_total: Optional[Size] = None       #: simulated device size (default 4 x budget)
+    models_dir: Optional[str] = None
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Result:
+    name: str
+    requests: int = 0
+    seconds: float = 0.0
+    hits: int = 0
+    swap_ins: int = 0
+    oom: int = 0
+    wrong: int = 0
+    errors: int = 0
+    first_error: Optional[str] = None
+    peak_device_bytes: int = 0
+    median_swap_in_s: Optional[float] = None
+    latencies: List[float] = field(default_factory=list)
+    hit_flags: List[bool] = field(default_factory=list)
+    timeline: List[List[float]] = field(default_factory=list)   # [t, device bytes, on device, on host]
+
+    def summary(self) -> Dict[str, Any]:
+        lat = np.array(self.latencies) if self.latencies else np.array([float("nan")])
+        out = {
+            "requests": self.requests, "seconds": round(self.seconds, 3),
+            "throughput_rps": self.requests / self.seconds if self.seconds else 0.0,
+            "hit_rate": self.hits / self.requests if self.requests else 0.0, "swap_ins": self.swap_ins,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3), "p95_ms": float(np.percentile(lat, 95) * 1e3),
+            "p99_ms": float(np.percentile(lat, 99) * 1e3), "peak_device_bytes": self.peak_device_bytes,
+            "oom": self.oom, "wrong": self.wrong, "errors": self.errors, "first_error": self.first_error,
+            "median_swap_in_ms": None if self.median_swap_in_s is None else self.median_swap_in_s * 1e3,
+        }
+        return out
+
+
+# ----------------------------------------------------------------------------- models
+def generate_models(folder: str, count: int, min_bytes: int, max_bytes: int, layers: int = 4,
+                    seed: int = 0) -> List[ModelSpec]:
+    """``count`` ONNX MLPs with weights spread log-uniformly over [min_bytes, max_bytes], saved with
+    external data under ``folder`` (reused when already there), with a reference output each."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lo, hi = math.log(max(min_bytes, 4096)), math.log(max(max_bytes, min_bytes, 4096))
+    specs = []
+    for k in range(count):
+        target = math.exp(rng.uniform(lo, hi)) if hi > lo else math.exp(lo)
+        hidden = max(16, int(round(math.sqrt(target / 4 / layers) / 16)) * 16)
+        name = f"mlp{k:02d}-{hidden}"
+        path = os.path.join(folder, f"{name}.onnx")
+        ref_path = path + ".ref.npz"
+        x = rng.standard_normal((1, hidden)).astype(np.float32)
+        mrng = np.random.default_rng([seed, k])
+        if not (os.path.exists(path) and os.path.exists(ref_path)):
+            h = x.copy()
+            inits, nodes, current = [], [], "x"
+            for i in range(layers):
+                w = mrng.integers(-127, 128, (hidden, hidden), dtype=np.int8).astype(np.float32)
+                w *= np.float32(1.7 / (127 * math.sqrt(hidden)))
+                h = h @ w
+                if i < layers - 1:
+                    h = np.maximum(h, 0)
+                inits.append(numpy_helper.from_array(w, f"W{i}"))
+                del w
+                nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"]))
+                current = f"h{i}"
+                if i < layers - 1:
+                    nodes.append(helper.make_node("Relu", [current], [f"r{i}"]))
+                    current = f"r{i}"
+            nodes.append(helper.make_node("Identity", [current], ["y"]))
+            graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])], inits)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            model.ir_version = 9
+            tmp = path + ".tmp.onnx"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(path) + ".data", size_threshold=1024)
+            os.replace(tmp, path)
+            np.savez(ref_path, x=x, y=h)
+        ref = np.load(ref_path)
+        specs.append(ModelSpec(name, path, layers * hidden * hidden * 4, ref["x"], ref["y"]))
+    return specs
+
+
+def specs_from_files(paths: Sequence[str]) -> List[ModelSpec]:
+    """The user's own ONNX files: a sample input each, the reference from a CPU session."""
+    import onnxruntime as ort
+    from .backends.onnxruntime import _sample_feed
+    specs = []
+    for path in paths:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        inputs = session.get_inputs()
+        if len(inputs) != 1:
+            raise ConfigError(f"{path}: stress models must have one input (this one has {len(inputs)})")
+        x = _sample_feed(inputs)[inputs[0].name]
+        y = session.run(None, {inputs[0].name: x})[0]
+        nbytes = sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.exists(p))
+        specs.append(ModelSpec(os.path.splitext(os.path.basename(path))[0], path, nbytes, x, y))
+    return specs
+
+
+def output_ok(out: np.ndarray, ref: np.ndarray) -> bool:
+    """Loose enough for TF32 and summation order, tight enough to catch another model's output."""
+    scale = float(np.max(np.abs(ref))) or 1.0
+    return out.shape == ref.shape and bool(np.allclose(out, ref, rtol=2e-2, atol=2e-2 * scale))
+
+
+# ----------------------------------------------------------------------------- contenders
+class Contender:
+    name = "contender"
+
+    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
+        """Run ``spec`` on its input: (output, hit)."""
+        raise NotImplementedError
+
+    def device_bytes(self) -> int:
+        raise NotImplementedError
+
+    def tiers(self) -> Tuple[int, int]:
+        """(models on the device, models on the host)."""
+        return (0, 0)
+
+    def swap_ins(self) -> int:
+        return 0
+
+    def median_swap_in(self) -> Optional[float]:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class ModelCacheContender(Contender):
+    def __init__(self, policy: str, specs: Sequence[ModelSpec], monitor: DeviceMonitor, budget: int,
+                 reserve: int) -> None:
+        from .cache import ModelCache
+        self.name = f"modelcache-{policy}"
+        self.monitor = monitor
+        self.cache = ModelCache(monitor=monitor, device_budget=budget, reserve=reserve, policy=policy,
+                                watch_interval=0.1)
+        threshold = min(MiB, min(s.nbytes for s in specs) // 8)
+        for spec in specs:
+            self.cache.register(spec.name, spec.path, backend="onnxruntime", mode="weights", verify=False,
+                                host_session=False, weights_threshold=max(threshold, 1024))
+        futures = [self.cache.prefetch(spec.name, tier=_host_tier(), timeout=None) for spec in specs]
+        for fut in futures:
+            fut.result()
+        self._base = 0 if monitor.simulated else (monitor.process_bytes() or 0)
+
+    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
+        lease = self.cache.use(spec.name, timeout=300)
+        model = lease.acquire()
+        try:
+            return model.run(None, {"x": spec.x})[0], bool(lease.hit)
+        finally:
+            lease.release()
+
+    def device_bytes(self) -> int:
+        return (self.monitor.process_bytes() or 0) - self._base if not self.monitor.simulated \
+            else (self.monitor.process_bytes() or 0)
+
+    def tiers(self) -> Tuple[int, int]:
+        stats = self.cache.stats()
+        return stats["models.device"], stats["models.host"]
+
+    def swap_ins(self) -> int:
+        return int(self.cache.stats().get("swap_in.count", 0))
+
+    def median_swap_in(self) -> Optional[float]:
+        return self.cache.stats().get("swap_in.seconds.p50")
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+class _SessionContender(Contender):
+    """Shared by the baselines: stock ONNX Runtime sessions created from the model file."""
+
+    def __init__(self, monitor: DeviceMonitor) -> None:
+        import onnxruntime as ort
+        self.ort = ort
+        self.monitor = monitor
+        self.providers = ["CPUExecutionProvider"] if monitor.simulated else \
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self._loads = 0
+        self._load_times: List[float] = []
+        self._lock = threading.Lock()
+        self._base = 0 if monitor.simulated else (monitor.process_bytes() or 0)
+
+    def _create(self, spec: ModelSpec) -> Tuple[Any, Any]:
+        allocation = None
+        if self.monitor.simulated:   # a stock session holds its weights on the device
+            allocation = self.monitor.allocate(spec.nbytes, owner=spec.name)  # type: ignore[attr-defined]
+        start = time.perf_counter()
+        try:
+            session = self.ort.InferenceSession(spec.path, providers=self.providers)
+        except BaseException:
+            if allocation is not None:
+                allocation.free()
+            raise
+        with self._lock:
+            self._loads += 1
+            self._load_times.append(time.perf_counter() - start)
+        return session, allocation
+
+    def device_bytes(self) -> int:
+        return (self.monitor.process_bytes() or 0) - self._base
+
+    def swap_ins(self) -> int:
+        return self._loads
+
+    def median_swap_in(self) -> Optional[float]:
+        with self._lock:
+            return float(np.median(self._load_times)) if self._load_times else None
+
+
+class LruCountContender(_SessionContender):
+    """LRU by model count (Ray Serve's max_num_models_per_replica)."""
+
+    def __init__(self, count: int, monitor: DeviceMonitor) -> None:
+        super().__init__(monitor)
+        self.name = "lru-count"
+        self.count = count
+        self.sessions: "collections.OrderedDict[str, Tuple[Any, Any]]" = collections.OrderedDict()
+        self.loading: Dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+
+    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
+        hit = True
+        with self._lock:
+            entry = self.sessions.get(spec.name)
+            if entry is not None:
+                self.sessions.move_to_end(spec.name)
+            load_lock = self.loading[spec.name]
+        if entry is None:
+            with load_lock:          # one load per model id at a time, as Ray Serve does
+                with self._lock:
+                    entry = self.sessions.get(spec.name)
+                if entry is None:
+                    hit = False
+                    entry = self._create(spec)
+                    evicted = []
+                    with self._lock:
+                        self.sessions[spec.name] = entry
+                        while len(self.sessions) > self.count:
+                            evicted.append(self.sessions.popitem(last=False)[1])
+                    for _, allocation in evicted:
+                        if allocation is not None:
+                            allocation.free()
+        return entry[0].run(None, {"x": spec.x})[0], hit
+
+    def tiers(self) -> Tuple[int, int]:
+        with self._lock:
+            return len(self.sessions), 0
+
+
+class NaiveContender(_SessionContender):
+    """The seed's recipe: load on a miss, unload the rest (one model on the device at a time)."""
+
+    def __init__(self, monitor: DeviceMonitor) -> None:
+        super().__init__(monitor)
+        self.name = "naive"
+        self.current: Optional[Tuple[str, Any, Any]] = None
+        self._serve_lock = threading.Lock()
+
+    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
+        with self._serve_lock:
+            hit = self.current is not None and self.current[0] == spec.name
+            if not hit:
+                if self.current is not None:
+                    _, _, allocation = self.current
+                    self.current = None          # drop the session: its device memory goes
+                    if allocation is not None:
+                        allocation.free()
+                session, allocation = self._create(spec)
+                self.current = (spec.name, session, allocation)
+            assert self.current is not None
+            return self.current[1].run(None, {"x": spec.x})[0], hit
+
+    def tiers(self) -> Tuple[int, int]:
+        return (1 if self.current else 0), 0
+
+
+def _host_tier():
+    from .tiers import Tier
+    return Tier.HOST
+
+
+# ----------------------------------------------------------------------------- running
+def run_contender(contender: Contender, trace: Sequence[str], specs: Dict[str, ModelSpec], threads: int,
+                  progress: Optional[Callable[[str, int, int], None]] = None) -> Result:
+    result = Result(contender.name)
+    n = len(trace)
+    latencies = np.full(n, np.nan)
+    hits = np.zeros(n, dtype=bool)
+    counter = iter(range(n))
+    counter_lock = threading.Lock()
+    done = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def sampler() -> None:
+        while not stop.wait(0.05):
+            try:
+                dev = contender.device_bytes()
+                on_device, on_host = contender.tiers()
+            except Exception:
+                continue
+            result.timeline.append([time.perf_counter() - start, dev, on_device, on_host])
+            result.peak_device_bytes = max(result.peak_device_bytes, dev)
+            if progress:
+                progress(contender.name, done[0], n)
+
+    def worker() -> None:
+        while True:
+            with counter_lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            spec = specs[trace[i]]
+            t0 = time.perf_counter()
+            try:
+                out, hit = contender.serve(spec)
+                latencies[i] = time.perf_counter() - t0
+                hits[i] = hit
+                if not output_ok(out, spec.reference):
+                    with lock:
+                        result.wrong += 1
+            except Exception as exc:
+                latencies[i] = time.perf_counter() - t0
+                oom = isinstance(exc, (DeviceOutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower() \
+                    or "failed to allocate" in str(exc).lower()
+                with lock:
+                    if oom:
+                        result.oom += 1
+                    else:
+                        result.errors += 1
+                    if result.first_error is None:
+                        result.first_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            with lock:
+                done[0] += 1
+
+    sample_thread = threading.Thread(target=sampler, daemon=True)
+    sample_thread.start()
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    result.seconds = time.perf_counter() - start
+    stop.set()
+    sample_thread.join()
+    try:
+        dev = contender.device_bytes()
+        result.peak_device_bytes = max(result.peak_device_bytes, dev)
+        result.timeline.append([result.seconds, dev, *contender.tiers()])
+    except Exception:
+        pass
+    if progress:
+        progress(contender.name, n, n)
+    result.requests = n
+    result.hits = int(hits.sum())
+    result.hit_flags = hits.tolist()
+    result.latencies = [float(v) for v in latencies if not np.isnan(v)]
+    result.swap_ins = contender.swap_ins()
+    result.median_swap_in_s = contender.median_swap_in()
+    return result
+
+
+class Progress:
+    """A one-line progress bar on stderr (only on a terminal unless forced)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if done < total and now - self._last < 0.2:
+            return
+        self._last = now
+        width = 30
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r{name:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run every contender on one trace; returns the report (see ``report.py`` for printing)."""
+    budget = parse_size(config.budget, what="budget")
+    reserve = parse_size(config.reserve, what="reserve")
+    gpu_monitor: Optional[NvmlMonitor] = None
+    if not config.simulate:
+        try:
+            gpu_monitor = NvmlMonitor()
+        except ModelCacheError:
+            gpu_monitor = None
+    folder = config.models_dir or os.path.join(os.path.expanduser("~/.cache/modelcache"), "stress-models")
+    start = time.perf_counter()
+    if config.model_files:
+        specs = specs_from_files(config.model_files)
+    else:
+        specs = generate_models(folder, config.models, parse_size(config.min_size, what="min_size"),
+                                parse_size(config.max_size, what="max_size"), config.layers, config.seed)
+    gen_s = time.perf_counter() - start
+    by_name = {s.name: s for s in specs}
+    names = [s.name for s in specs]
+    if os.path.exists(config.workload):
+        trace = read_trace(config.workload, names)
+        workload = f"trace {config.workload}"
+    else:
+        trace = make_trace(names, config.requests, config.workload, config.zipf_s, config.seed)
+        workload = f"{config.workload}" + (f" s={config.zipf_s}" if config.workload == "zipf" else "")
+    largest = max(s.nbytes for s in specs)
+    if largest > budget:
+        raise ConfigError(f"the largest model ({format_bytes(largest)}) does not fit the budget ({format_bytes(budget)})")
+    count = max(1, budget // largest)
+    device_total = parse_size(config.device_total, what="device_total") if config.device_total else 4 * budget
+    where = (f"GPU {gpu_monitor.device}: {gpu_monitor.name} (NVML)" if gpu_monitor is not None
+             else f"simulated device of {format_bytes(device_total)}" +
+             (" (requested)" if config.simulate else " (no NVIDIA GPU found)"))
+    log(f"modelcache stress on {where}")
+    log(f"{len(specs)} models, {format_bytes(min(s.nbytes for s in specs))}..{format_bytes(largest)} "
+        f"({format_bytes(sum(s.nbytes for s in specs))} in all; ready in {gen_s:.1f} s); budget "
+        f"{format_bytes(budget)}, reserve {format_bytes(reserve)}; {len(trace)} requests ({workload}) from "
+        f"{config.threads} threads; lru-count keeps {count} models (budget // largest)")
+    progress = Progress(config.progress)
+    results: Dict[str, Result] = {}
+
+    def monitor() -> DeviceMonitor:
+        if gpu_monitor is not None:
+            return gpu_monitor
+        return SimulatedDevice(device_total, name="simulated GPU")
+
+    for policy in config.policies:
+        contender = ModelCacheContender(policy, specs, monitor(), budget, reserve)
+        try:
+            results[contender.name] = run_contender(contender, trace, by_name, config.threads, progress)
+        finally:
+            contender.close()
+    base_trace = trace[:config.baseline_requests] if config.baseline_requests else trace
+    for baseline in config.baselines:
+        if baseline == "lru-count":
+            contender = LruCountContender(count, monitor())
+        elif baseline == "naive":
+            contender = NaiveContender(monitor())
+        else:
+            raise ConfigError(f"baseline {baseline!r} is unknown; use lru-count or naive")
+        try:
+            results[contender.name] = run_contender(contender, base_trace, by_name, config.threads, progress)
+        finally:
+            contender.close()
+    sizes = {s.name: s.nbytes for s in specs}
+    report: Dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": where, "simulated": gpu_monitor is None,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
+        "models": [{"name": s.name, "bytes": s.nbytes} for s in specs], "budget_bytes": budget,
+        "reserve_bytes": reserve, "lru_count": count, "requests": len(trace),
+        "baseline_requests": len(base_trace),
+        "belady": {"hit_rate": belady_hits(trace, sizes, budget) / len(trace),
+                   "hit_rate_baseline_prefix": belady_hits(base_trace, sizes, budget) / max(len(base_trace), 1)},
+        "contenders": {},
+    }
+    for name, res in results.items():
+        entry = res.summary()
+        flags = res.hit_flags
+        entry["hit_rate_baseline_prefix"] = float(np.mean(flags[:len(base_trace)])) if flags else 0.0
+        entry["timeline"] = res.timeline
+        lat = sorted(res.latencies)
+        step = max(1, len(lat) // 1000)
+        entry["latency_cdf_s"] = lat[::step]
+        report["contenders"][name] = entry
+    if gpu_monitor is not None:
+        gpu_monitor.close()
+    return report
+
+
+def failed(report: Dict[str, Any]) -> bool:
+    """True if any contender had an OOM, a wrong output or a failed request."""
+    return any(c["oom"] or c["wrong"] or c["errors"] for c in report["contenders"].values())
+
+
+def save_json(report: Dict[str, Any], path: str) -> None:
+    from ._fileio import atomic_write
+    atomic_write(path, json.dumps(report, indent=1).encode())

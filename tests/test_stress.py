@@ -1,0 +1,91 @@
+import json
+import os
+
+import pytest
+
+import modelcache as mc
+from modelcache import stress
+from modelcache.cli import main as cli_main
+
+pytest.importorskip("onnxruntime")
+
+SMALL = ["--models", "4", "--min-size", "64KiB", "--max-size", "256KiB", "--layers", "2", "--requests", "240",
+         "--threads", "3", "--budget", "512KiB", "--policies", "lru,cost", "--baseline-requests", "60",
+         "--simulate", "--no-progress"]
+
+
+def test_stress_runs_checks_every_response_and_writes_json_and_png(tmp_path, capsys):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    args = SMALL + ["--models-dir", str(tmp_path / "models"), "--json", str(out_json), "--plot", str(out_png)]
+    assert cli_main(["stress"] + args) == 0
+    text = capsys.readouterr().out
+    assert "simulated device" in text and "belady (offline)" in text and "hit@base" in text
+    report = json.loads(out_json.read_text())
+    assert set(report["contenders"]) == {"modelcache-lru", "modelcache-cost", "lru-count", "naive"}
+    for name, c in report["contenders"].items():
+        assert c["requests"] == (240 if name.startswith("modelcache") else 60)
+        assert c["wrong"] == c["oom"] == c["errors"] == 0
+        assert 0 <= c["hit_rate"] <= 1 and c["p50_ms"] <= c["p99_ms"] and c["timeline"]
+    assert report["contenders"]["modelcache-lru"]["peak_device_bytes"] <= report["budget_bytes"]
+    assert report["contenders"]["naive"]["swap_ins"] >= 1 and 0 <= report["belady"]["hit_rate"] <= 1
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wrong_outputs_give_a_nonzero_exit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(stress, "output_ok", lambda out, ref: False)
+    args = SMALL + ["--models-dir", str(tmp_path / "models"), "--baselines", "naive"]
+    assert cli_main(["stress"] + args) == 1
+    assert "wrong" in capsys.readouterr().out
+
+
+def test_out_of_memory_gives_a_nonzero_exit(tmp_path, monkeypatch, capsys):
+    def no_memory(self, spec):
+        raise mc.DeviceOutOfMemoryError("out of memory on the simulated GPU", model=spec.name)
+
+    monkeypatch.setattr(stress._SessionContender, "_create", no_memory)
+    args = SMALL + ["--models-dir", str(tmp_path / "models"), "--baselines", "lru-count", "--policies", "lru"]
+    assert cli_main(["stress"] + args) == 1
+    out = capsys.readouterr().out
+    assert "first failure: DeviceOutOfMemoryError" in out
+
+
+def test_generated_models_are_reused_and_references_match(tmp_path):
+    specs = stress.generate_models(str(tmp_path), 3, 64 << 10, 1 << 20, layers=2, seed=5)
+    again = stress.generate_models(str(tmp_path), 3, 64 << 10, 1 << 20, layers=2, seed=5)
+    assert [s.path for s in specs] == [s.path for s in again]
+    assert 64 << 10 <= min(s.nbytes for s in specs) * 1.5 and max(s.nbytes for s in specs) <= (1 << 20) * 1.5
+    import onnxruntime as ort
+    for spec in specs:
+        out = ort.InferenceSession(spec.path, providers=["CPUExecutionProvider"]).run(None, {"x": spec.x})[0]
+        assert stress.output_ok(out, spec.reference)
+        assert not stress.output_ok(out * 1.5, spec.reference)
+
+
+def test_demo_finishes_with_table_json_and_plot(tmp_path, capsys):
+    assert cli_main(["demo", "--out", str(tmp_path), "--requests", "400", "--simulate"]) == 0
+    text = capsys.readouterr().out
+    assert "simulated device" in text and "(requested)" in text and "modelcache-lru" in text
+    assert os.path.exists(tmp_path / "results.json") and os.path.exists(tmp_path / "plot.png")
+    assert f"plot: {tmp_path / 'plot.png'}" in text
+
+
+def test_status_and_bench(tmp_path, capsys):
+    from modelcache.generate import make_mlp, save_model
+    from modelcache.status import cache_table, gpu_table, report
+    rows = gpu_table()
+    assert rows and ("no GPU table" in rows[0] or "gpu" in rows[0])
+    path = save_model(make_mlp(512, 2), str(tmp_path / "m.onnx"))   # 1 MiB weights: weights mode
+    with mc.ModelCache(monitor=mc.SimulatedDevice("64MiB"), reserve=0, watch_interval=None) as cache:
+        cache.register("m", path, weights_threshold=1024)
+        with cache.use("m"):
+            pass
+        table = cache_table(cache.status())
+        assert "m " in table[-1] and "device" in table[-1] and "weights" in table[-1]
+        assert "policy lru" in report()
+        cache.dump_status(str(tmp_path / "status.json"))
+    assert cli_main(["status", "--cache", str(tmp_path / "status.json")]) == 0
+    assert "hit rate" in capsys.readouterr().out
+    assert cli_main(["bench", path, "--cycles", "2", "--simulate"]) == 0
+    out = capsys.readouterr().out
+    assert "weights" in out and "session" in out and "swap-in ms" in out
+    assert cli_main(["bench", str(tmp_path / "missing.onnx"), "--simulate"]) == 1
