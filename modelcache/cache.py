@@ -82,10 +82,22 @@ class _Entry:
     def host_bytes(self) -> int:
         return self.handle.host_bytes if self.handle is not None else 0
 
+    @property
+    def parked_bytes(self) -> int:
+        """Device bytes held while off the device tier."""
+        if self.handle is None or self.tier is Tier.DEVICE:
+            return 0
+        return self.handle.parked_device_bytes()
+
+    @property
+    def freed_by_eviction(self) -> int:
+        """Device bytes a move to the host tier frees."""
+        return self.device_bytes - (self.handle.kept_after_eviction() if self.handle is not None else 0)
+
     def need(self) -> Optional[int]:
-        """Device bytes this model will take, if known."""
+        """Device bytes this model will add when it moves to the device, if known."""
         if self.handle is not None:
-            return self.handle.estimated_device_bytes()
+            return max(0, self.handle.estimated_device_bytes() - self.parked_bytes)
         return self.options.get("size_hint")
 
     def candidate(self, nbytes: int) -> Candidate:
@@ -360,7 +372,7 @@ class ModelCache:
             else:
                 self._step_up(entry)
                 if entry.tier is Tier.DEVICE:   # the loader's result was already on the device
-                    self.check_pressure()
+                    self._relieve(exclude=entry)
                 elif target is not Tier.DEVICE:  # else the swap-in settles the host tier
                     self._settle_host(keep=entry)
 
@@ -448,14 +460,15 @@ class ModelCache:
         return None
 
     def _evictable(self, exclude: Optional[_Entry] = None) -> List[Candidate]:
-        return [e.candidate(e.device_bytes) for e in self._entries.values()
+        return [e.candidate(e.freed_by_eviction) for e in self._entries.values()
                 if e.tier is Tier.DEVICE and e.moving is None and e.leases == 0 and not e.pinned
                 and e is not exclude]
 
     def _accounted_bytes(self) -> int:
-        """Device bytes the cache answers for: residents plus rooms promised to swap-ins."""
-        total = sum(e.device_bytes for e in self._entries.values()
-                    if e.tier is Tier.DEVICE and e.evicting_for is None)
+        """Device bytes the cache answers for: residents, what parked models keep on the device,
+        and rooms promised to swap-ins."""
+        total = sum(e.device_bytes if e.tier is Tier.DEVICE else e.parked_bytes for e in self._entries.values()
+                    if e.evicting_for is None)
         return total + sum(r.claim() for r in self._reservations)
 
     def _eviction_target(self, entry: _Entry) -> Tier:
@@ -586,8 +599,8 @@ class ModelCache:
             self._end_move(entry)
             grew = entry.device_bytes > reservation.need
         self._settle_host()  # after the move: the model's own host bytes may have left with it
-        if grew:  # the backend measured more than it estimated: restore the budget
-            self.check_pressure()
+        if grew:  # the backend measured more than it estimated: restore the budget (not with this model)
+            self._relieve(exclude=entry)
 
     def _move_down(self, entry: _Entry, reason: str) -> None:
         """Move ``entry`` down to ``entry.moving_to`` (set by the planner), a step at a time,
@@ -655,6 +668,9 @@ class ModelCache:
         """Evict (policy order) until the accounted bytes fit the budget and the device's free
         memory is at least the reserve. The background watcher calls this; returns the number of
         models evicted."""
+        return self._relieve()
+
+    def _relieve(self, exclude: Optional[_Entry] = None) -> int:
         with self._cond:
             if self._closed:
                 return 0
@@ -664,7 +680,7 @@ class ModelCache:
             victims: List[_Entry] = []
             if over_budget > 0 or short_free > 0:
                 freed = 0
-                for candidate in self.policy.rank(self._evictable()):
+                for candidate in self.policy.rank(self._evictable(exclude)):
                     if freed >= over_budget and freed >= short_free:
                         break
                     victim = self._entries[candidate.name]
@@ -767,7 +783,8 @@ class ModelCache:
             for tier in Tier:
                 out[f"models.{tier}"] = sum(1 for e in entries if e.tier is tier)
             out["leases.active"] = sum(e.leases for e in entries)
-            out["device.bytes"] = sum(e.device_bytes for e in entries)
+            out["device.bytes"] = sum(e.device_bytes + e.parked_bytes for e in entries)
+            out["device.parked_bytes"] = sum(e.parked_bytes for e in entries)
             out["device.accounted_bytes"] = self._accounted_bytes()
             out["host.bytes"] = sum(e.host_bytes for e in entries)
         total_uses = out["hits"] + out["misses"]

@@ -530,3 +530,83 @@ def test_lease_misuse(make_cache):
     assert cache.info("a").leases == 0
     with pytest.raises(mc.ConfigError, match="timeout"):
         cache.use("a", timeout=-1).acquire()
+
+
+def test_device_bytes_kept_by_parked_models_count_against_the_budget(device):
+    """Like ONNX Runtime's weights mode: 30 B stay on the device after eviction (a session)."""
+    from modelcache.backends.python import PythonBackend, PythonHandle
+
+    class ParkingHandle(PythonHandle):
+        def parked_device_bytes(self):
+            return 30 if self.parked is not None else 0
+
+        def kept_after_eviction(self):
+            return 30
+
+        def estimated_device_bytes(self):
+            return self.nbytes + 30
+
+    class ParkingBackend(PythonBackend):
+        name = "parking"
+
+        def _load_impl(self, name, value, options):
+            handle = ParkingHandle(name, value, len(value))
+            handle.parked = None
+            return handle
+
+        def _to_device_impl(self, handle):
+            super()._to_device_impl(handle)
+            if handle.parked is None:      # the "session", made on the first swap-in and kept
+                handle.parked = self.context.monitor.allocate(30, owner=handle.name)
+            handle.device_bytes = handle.nbytes + 30
+
+        def _release_impl(self, handle):
+            if handle.parked is not None:
+                handle.parked.free()
+                handle.parked = None
+            super()._release_impl(handle)
+
+    cache = mc.ModelCache(monitor=device, device_budget=400, reserve=0, watch_interval=None)
+    for i in range(6):
+        cache.register(f"m{i}", b"x" * 100, backend=ParkingBackend)
+    for round_ in range(3):
+        for i in range(6):
+            with cache.use(f"m{i}"):
+                stats = cache.stats()
+                assert stats["device.accounted_bytes"] <= 400
+                assert stats["device.bytes"] == device.process_bytes() <= 400
+    stats = cache.stats()
+    on_device, parked = stats["models.device"], stats["models.host"]
+    assert stats["device.parked_bytes"] == 30 * parked and stats["device.bytes"] == 130 * on_device + 30 * parked
+    assert on_device == 2                  # 4 x 130 B would fit without the parked bytes; with them only 2
+    cache.close()
+    assert device.process_bytes() == 0
+
+
+def test_underestimated_model_is_not_evicted_by_its_own_swap_in(device):
+    """A backend measuring more than it estimated must not make the cache evict the model it is
+    bringing in (that looped forever once)."""
+    from modelcache.backends.python import PythonBackend
+
+    class Grows(PythonBackend):
+        name = "grows"
+
+        def _to_device_impl(self, handle):
+            super()._to_device_impl(handle)
+            handle.device_bytes = handle.nbytes + 50      # estimated nbytes, measured more
+
+    cache = mc.ModelCache(monitor=device, device_budget=300, reserve=0, watch_interval=None)
+    for i in range(4):
+        cache.register(f"m{i}", b"x" * 100, backend=Grows)
+    done = []
+
+    def run():
+        for i in list(range(4)) * 2:
+            with cache.use(f"m{i}", timeout=5):
+                done.append(cache.info(f"m{i}").tier)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(20)
+    assert not t.is_alive() and done == [mc.Tier.DEVICE] * 8
+    assert cache.stats()["device.accounted_bytes"] <= 300
+    cache.close()

@@ -37,6 +37,15 @@ class Handle:
         """Host bytes the model will take once moved to the host tier."""
         return self.host_bytes or self.estimated_device_bytes()
 
+    def parked_device_bytes(self) -> int:
+        """Device bytes still held while the model is off the device tier (e.g. a long-lived
+        session kept for fast swap-ins). The cache counts them against the budget."""
+        return 0
+
+    def kept_after_eviction(self) -> int:
+        """Of ``device_bytes``, what a move to the host tier would keep on the device."""
+        return 0
+
     def details(self) -> Dict[str, Any]:
         """Backend-specific facts for ``EntryInfo.details``."""
         return {}

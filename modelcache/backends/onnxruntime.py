@@ -113,6 +113,12 @@ class OrtHandle(Handle):
     def estimated_device_bytes(self) -> int:
         return self.device_bytes or (self.weights_nbytes + self.session_device_bytes)
 
+    def parked_device_bytes(self) -> int:
+        return self.session_device_bytes if self.mode == "weights" and self.session is not None else 0
+
+    def kept_after_eviction(self) -> int:
+        return self.parked_device_bytes()
+
     def estimated_host_bytes(self) -> int:
         if self.mode == "session":
             return self.weights_nbytes
@@ -618,6 +624,7 @@ class OnnxRuntimeBackend(Backend):
             raise
         handle.files, handle.disk_path = files, graph_path
         self._drop_host_session(handle)
+        handle.session = None      # below the host tier nothing stays on the device (re-created on return)
         handle.graph = b""
         if handle.block is not None:
             self.pool.put(handle.block)
