@@ -498,17 +498,19 @@ class OnnxRuntimeBackend(Backend):
         assert handle.block is not None
         nbytes = handle.weights_nbytes
         if self.on_gpu:
-            buffer = DeviceBuffer(nbytes, self.context.device)
+            if handle.session is None:      # once: the long-lived session, its memory measured
+                handle.session, handle.session_device_bytes = self._measured(
+                    lambda: self._session(handle.name, handle.graph, None, 0, cpu=False,
+                                          options=handle.options, weights_as_inputs=True))
+            with self._measure_lock:        # allocations never overlap a measurement
+                buffer = DeviceBuffer(nbytes, self.context.device)
             try:
                 stream = self.streams.get(self.context.device)
                 stream.copy_to_device(buffer.ptr, handle.block.ptr, nbytes)
                 stream.synchronize()
-                if handle.session is None:
-                    handle.session, handle.session_device_bytes = self._measured(
-                        lambda: self._session(handle.name, handle.graph, None, 0, cpu=False,
-                                              options=handle.options, weights_as_inputs=True))
             except BaseException:
-                buffer.free()
+                with self._measure_lock:
+                    buffer.free()
                 raise
             handle.device_weights = buffer
             base: Any = buffer.ptr
@@ -585,7 +587,8 @@ class OnnxRuntimeBackend(Backend):
             remove_quietly(data_path)
 
     def _measured(self, create: Any) -> Tuple[Any, int]:
-        """Run ``create()`` and return its result with this process's device-memory growth (NVML)."""
+        """Run ``create()`` and return its result with this process's device-memory growth (NVML).
+        This backend's own allocations and frees wait meanwhile, so they do not skew the figure."""
         monitor = self.context.monitor
         with self._measure_lock:
             before = monitor.process_bytes() or 0
@@ -600,7 +603,8 @@ class OnnxRuntimeBackend(Backend):
         if handle.mode == "session":
             handle.session = None              # the last reference: its device memory goes now
         if isinstance(handle.device_weights, DeviceBuffer):
-            handle.device_weights.free()
+            with self._measure_lock:
+                handle.device_weights.free()
         elif handle.device_weights is not None:
             handle.device_weights.free()
         handle.device_weights = None
