@@ -45,7 +45,9 @@ from .base import Backend, BackendContext, Handle
 MiB = 1 << 20
 WEIGHTS_FILE = "modelcache.weights"   # the external-data location the graph refers to
 _OPTIONS = {"mode", "weights_threshold", "host_session", "verify", "provider_options", "session_options",
-            "rtol", "atol", "size_hint"}
+            "rtol", "atol", "size_hint", "shared_arena", "shrink_arena"}
+_env_arenas: set = set()          # devices whose shared CUDA arena is registered with ONNX Runtime
+_env_arenas_lock = threading.Lock()
 
 
 class InvalidModelError(UnsupportedModelError):
@@ -140,8 +142,9 @@ class OrtModel:
     """
 
     def __init__(self, name: str, session: Any, weights: Sequence[Weight], device: Optional[Tuple[str, int]],
-                 weight_base: Any, input_names: List[str], output_names: List[str]) -> None:
+                 weight_base: Any, input_names: List[str], output_names: List[str], run_options: Any = None) -> None:
         self.name = name
+        self._run_options = run_options   # default RunOptions (e.g. arena shrinkage after each run)
         self._session = session
         self._weights = list(weights)
         self._device = device            # ("cuda", id) with weight_base a device address; None: host arrays
@@ -174,6 +177,7 @@ class OrtModel:
         if unknown:
             raise ModelInputError(f"unknown output(s) {unknown}; the model's outputs are {self._output_names}",
                                   model=self.name)
+        run_options = run_options if run_options is not None else self._run_options
         if not self._weights:
             return self._session.run(names, input_feed, run_options)
         binding = self.io_binding()
@@ -198,7 +202,7 @@ class OrtModel:
 
     def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
         self._alive()
-        self._session.run_with_iobinding(binding, run_options)
+        self._session.run_with_iobinding(binding, run_options if run_options is not None else self._run_options)
 
     def bind_device_input(self, binding: Any, name: str, array: Any, dtype: Any = None,
                           shape: Optional[Sequence[int]] = None) -> None:
@@ -466,6 +470,8 @@ class OnnxRuntimeBackend(Backend):
             setattr(so, key, val)
         if optimized:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if not cpu and self.on_gpu and options.get("shared_arena", True) and self._shared_arena():
+            so.add_session_config_entry("session.use_env_allocators", "1")
         if save_optimized:
             so.optimized_model_filepath = save_optimized
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
@@ -515,6 +521,7 @@ class OnnxRuntimeBackend(Backend):
             handle.device_weights = buffer
             base: Any = buffer.ptr
             device: Optional[Tuple[str, int]] = ("cuda", self.context.device)
+            run_options = self._run_options(handle.options)
         else:
             allocation = self.context.monitor.allocate(nbytes, owner=handle.name)  # type: ignore[attr-defined]
             try:
@@ -525,9 +532,9 @@ class OnnxRuntimeBackend(Backend):
                 allocation.free()
                 raise
             handle.device_weights = allocation
-            base, device = handle.block, None
+            base, device, run_options = handle.block, None, None
         handle.wrapper = OrtModel(handle.name, handle.session, handle.weights, device, base, handle.input_names,
-                                  handle.output_names)
+                                  handle.output_names, run_options)
 
     def _session_to_device(self, handle: OrtHandle) -> None:
         """A session on the device from the host files; the first one saves an optimized graph
@@ -554,7 +561,8 @@ class OnnxRuntimeBackend(Backend):
             if save is not None:
                 self._adopt_optimized(handle, save)
         handle.session, handle.device_weights = session, allocation
-        handle.wrapper = OrtModel(handle.name, session, [], None, None, handle.input_names, handle.output_names)
+        handle.wrapper = OrtModel(handle.name, session, [], None, None, handle.input_names, handle.output_names,
+                                  self._run_options(handle.options))
 
     def _adopt_optimized(self, handle: OrtHandle, path: str) -> None:
         """Make the optimized graph the first device session saved the host files' model. Skipped
@@ -585,6 +593,34 @@ class OnnxRuntimeBackend(Backend):
         finally:
             remove_quietly(path)
             remove_quietly(data_path)
+
+    def _shared_arena(self) -> bool:
+        """One CUDA arena shared by every session of the process (registered once per device), so
+        N cached models do not each keep an arena of their own. False if ONNX Runtime refuses."""
+        device = self.context.device
+        with _env_arenas_lock:
+            if device in _env_arenas:
+                return True
+            ort = _ort()
+            try:
+                info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device, ort.OrtMemType.DEFAULT)
+                cfg = ort.OrtArenaCfg({"max_mem": 0, "arena_extend_strategy": 1, "initial_chunk_size_bytes": -1,
+                                       "max_dead_bytes_per_chunk": -1})
+                ort.create_and_register_allocator(info, cfg)
+            except Exception:
+                return False
+            _env_arenas.add(device)
+            return True
+
+    def _run_options(self, options: Dict[str, Any]) -> Any:
+        """On a GPU, arenas give back what a run allocated once it ends (``shrink_arena``, default
+        True): cached models then hold no activation memory between requests."""
+        if not self.on_gpu or not options.get("shrink_arena", True):
+            return None
+        ort = _ort()
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.context.device}")
+        return run_options
 
     def _measured(self, create: Any) -> Tuple[Any, int]:
         """Run ``create()`` and return its result with this process's device-memory growth (NVML).
