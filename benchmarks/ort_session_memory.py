@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--shared-arena", type=int, default=1)
     p.add_argument("--shrink-arena", type=int, default=1)
     a = p.parse_args()
-    specs = generate_models(a.models_dir, 40, 64 << 20, 1 << 30, 4, 0)[: a.count]
+    specs = generate_models(a.models_dir, a.count, 64 << 20, 1 << 30, 4, 0)   # the stress run's first models
     cache = mc.ModelCache(device=0, device_budget="60GiB", reserve=0, watch_interval=None)
     mon = cache.monitor
     base = mon.process_bytes()

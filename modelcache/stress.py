@@ -504,10 +504,18 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
             return gpu_monitor
         return SimulatedDevice(device_total, name="simulated GPU")
 
+    def finished(res: Result) -> None:
+        s = res.summary()
+        log(f"  {res.name}: {s['requests']} requests in {s['seconds']:.1f} s, hit rate {s['hit_rate']:.1%}, "
+            f"p99 {s['p99_ms']:.1f} ms, OOM {s['oom']}, wrong {s['wrong']}, errors {s['errors']}")
+
     for policy in config.policies:
+        setup = time.perf_counter()
         contender = ModelCacheContender(policy, specs, monitor(), budget, reserve)
+        log(f"  {contender.name}: {len(specs)} models parked on the host in {time.perf_counter() - setup:.1f} s")
         try:
             results[contender.name] = run_contender(contender, trace, by_name, config.threads, progress)
+            finished(results[contender.name])
         finally:
             contender.close()
     base_trace = trace[:config.baseline_requests] if config.baseline_requests else trace
@@ -520,6 +528,7 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
             raise ConfigError(f"baseline {baseline!r} is unknown; use lru-count or naive")
         try:
             results[contender.name] = run_contender(contender, base_trace, by_name, config.threads, progress)
+            finished(results[contender.name])
         finally:
             contender.close()
     sizes = {s.name: s.nbytes for s in specs}
