@@ -115,7 +115,7 @@ class _Reservation:
         self.entry, self.need, self.victims = entry, need, victims
 
     def claim(self) -> int:
-        on_device = sum(v.device_bytes for v in self.victims if v.tier is Tier.DEVICE)
+        on_device = sum(v.device_bytes if v.tier is Tier.DEVICE else v.parked_bytes for v in self.victims)
         return max(self.need, on_device)
 
 
@@ -450,7 +450,7 @@ class ModelCache:
             return []
         victims: List[_Entry] = []
         freed = 0
-        for candidate in self.policy.rank(self._evictable(exclude)):
+        for candidate in self._ranked_victims(exclude):
             victims.append(self._entries[candidate.name])
             freed += candidate.nbytes
             if freed >= over_budget and freed >= short_free:
@@ -464,6 +464,14 @@ class ModelCache:
                 if e.tier is Tier.DEVICE and e.moving is None and e.leases == 0 and not e.pinned
                 and e is not exclude]
 
+    def _ranked_victims(self, exclude: Optional[_Entry] = None) -> List[Candidate]:
+        """Resident models in policy order, then parked models that keep device bytes (their
+        backend "unparks" them: e.g. drops a session kept for fast swap-ins)."""
+        parked = [e.candidate(e.parked_bytes) for e in self._entries.values()
+                  if e.tier is Tier.HOST and e.parked_bytes > 0 and e.moving is None and e.leases == 0
+                  and e is not exclude]
+        return self.policy.rank(self._evictable(exclude)) + self.policy.rank(parked)
+
     def _accounted_bytes(self) -> int:
         """Device bytes the cache answers for: residents, what parked models keep on the device,
         and rooms promised to swap-ins."""
@@ -472,8 +480,11 @@ class ModelCache:
         return total + sum(r.claim() for r in self._reservations)
 
     def _eviction_target(self, entry: _Entry) -> Tier:
-        """Host, unless the model alone is larger than the host budget."""
+        """Host (for a parked model: stay there, unparked), unless the model alone is larger than
+        the host budget."""
         assert entry.handle is not None
+        if entry.tier is Tier.HOST:
+            return Tier.HOST
         if entry.handle.estimated_host_bytes() <= self.host_budget_bytes:
             return Tier.HOST
         return self._below_host(entry)
@@ -609,6 +620,9 @@ class ModelCache:
         assert entry.handle is not None and entry.backend is not None and target is not None
         backend, handle = entry.backend, entry.handle
         try:
+            if handle.tier is Tier.HOST and target is Tier.HOST:   # a parked model: free what it keeps
+                backend.unpark(handle)
+                self._record.incr("unparks")
             if handle.tier is Tier.DEVICE:
                 if target is not Tier.UNLOADED:   # unloading frees the device directly
                     start = time.perf_counter()
@@ -680,7 +694,7 @@ class ModelCache:
             victims: List[_Entry] = []
             if over_budget > 0 or short_free > 0:
                 freed = 0
-                for candidate in self.policy.rank(self._evictable(exclude)):
+                for candidate in self._ranked_victims(exclude):
                     if freed >= over_budget and freed >= short_free:
                         break
                     victim = self._entries[candidate.name]
@@ -773,7 +787,7 @@ class ModelCache:
         out: Dict[str, Union[int, float]] = {key: 0 for key in (
             "loads", "load_errors", "evictions", "evictions.room", "evictions.pressure",
             "evictions.explicit", "demotions.disk", "demotions.unloaded", "waits.room", "errors.busy",
-            "errors.move", "host_serves")}
+            "errors.move", "host_serves", "unparks")}
         out.update(self._record.snapshot())
         reading = self.monitor.reading()
         with self._cond:

@@ -532,6 +532,9 @@ def test_lease_misuse(make_cache):
         cache.use("a", timeout=-1).acquire()
 
 
+ParkingBackendForTests: list = []
+
+
 def test_device_bytes_kept_by_parked_models_count_against_the_budget(device):
     """Like ONNX Runtime's weights mode: 30 B stay on the device after eviction (a session)."""
     from modelcache.backends.python import PythonBackend, PythonHandle
@@ -561,11 +564,15 @@ def test_device_bytes_kept_by_parked_models_count_against_the_budget(device):
             handle.device_bytes = handle.nbytes + 30
 
         def _release_impl(self, handle):
+            self._unpark_impl(handle)
+            super()._release_impl(handle)
+
+        def _unpark_impl(self, handle):
             if handle.parked is not None:
                 handle.parked.free()
                 handle.parked = None
-            super()._release_impl(handle)
 
+    ParkingBackendForTests.append(ParkingBackend)
     cache = mc.ModelCache(monitor=device, device_budget=400, reserve=0, watch_interval=None)
     for i in range(6):
         cache.register(f"m{i}", b"x" * 100, backend=ParkingBackend)
@@ -610,3 +617,20 @@ def test_underestimated_model_is_not_evicted_by_its_own_swap_in(device):
     assert not t.is_alive() and done == [mc.Tier.DEVICE] * 8
     assert cache.stats()["device.accounted_bytes"] <= 250
     cache.close()
+
+
+def test_parked_bytes_filling_the_budget_are_freed_for_a_swap_in(device):
+    """Twelve parked models keep 360 of 400 B: the planner unparks some to bring one in."""
+    if not ParkingBackendForTests:
+        test_device_bytes_kept_by_parked_models_count_against_the_budget(mc.SimulatedDevice(1000))
+    backend = ParkingBackendForTests[0]
+    cache = mc.ModelCache(monitor=device, device_budget=400, reserve=0, watch_interval=None)
+    for i in range(12):
+        cache.register(f"m{i}", b"x" * 100, backend=backend)
+    for i in list(range(12)) * 2:
+        with cache.use(f"m{i}", timeout=1):
+            stats = cache.stats()
+            assert stats["device.accounted_bytes"] <= 400 and device.process_bytes() <= 400
+    assert cache.stats()["unparks"] > 0
+    cache.close()
+    assert device.process_bytes() == 0

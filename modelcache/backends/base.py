@@ -110,6 +110,14 @@ class Backend(ABC):
         self._from_disk_impl(handle)
         handle.tier = Tier.HOST
 
+    def unpark(self, handle: Handle) -> None:
+        """Free the device bytes a parked (host-tier) handle keeps; it stays on the host tier."""
+        self._expect(handle, Tier.HOST)
+        self._unpark_impl(handle)
+
+    def _unpark_impl(self, handle: Any) -> None:
+        pass
+
     def release(self, handle: Handle) -> None:
         """Free everything the handle holds, in any tier (files too). Must not raise."""
         self._release_impl(handle)

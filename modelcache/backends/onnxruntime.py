@@ -27,6 +27,7 @@ device bytes are allocated on the simulated device.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -144,8 +145,9 @@ class OrtModel:
 
     def __init__(self, name: str, session: Any, weights: Sequence[Weight], device: Optional[Tuple[str, int]],
                  weight_base: Any, input_names: List[str], output_names: List[str], run_options: Any = None,
-                 runner: Any = None) -> None:
+                 runner: Any = None, gate: Any = None) -> None:
         self.name = name
+        self._gate = gate
         self._runner = runner             # the session's own thread (GPU), or None: run in the caller's
         self._run_options = run_options   # default RunOptions (e.g. arena shrinkage after each run)
         self._session = session
@@ -211,7 +213,11 @@ class OrtModel:
     def _on_runner(self, fn: Any, *args: Any) -> Any:
         if self._runner is None:
             return fn(*args)
-        return self._runner.submit(fn, *args).result()
+        return self._runner.submit(self._gated, fn, *args).result()
+
+    def _gated(self, fn: Any, *args: Any) -> Any:
+        with self._gate.read():   # a run's allocations never overlap a memory measurement
+            return fn(*args)
 
     def bind_device_input(self, binding: Any, name: str, array: Any, dtype: Any = None,
                           shape: Optional[Sequence[int]] = None) -> None:
@@ -260,7 +266,7 @@ class OnnxRuntimeBackend(Backend):
         self.on_gpu = not context.monitor.simulated
         self.pool: HostPool = PinnedPool() if self.on_gpu else HostPool()
         self.streams = StreamPool()
-        self._measure_lock = threading.Lock()
+        self._gate = _Gate()    # device allocations and runs (shared) vs a memory measurement (exclusive)
         self._scratch: Optional[str] = None
         self._shm: Optional[str] = None
         self._scratch_lock = threading.Lock()
@@ -518,14 +524,14 @@ class OnnxRuntimeBackend(Backend):
                 handle.session, handle.session_device_bytes = self._measured(
                     lambda: runner.submit(self._session, handle.name, handle.graph, None, 0, cpu=False,
                                           options=handle.options, weights_as_inputs=True).result())
-            with self._measure_lock:        # allocations never overlap a measurement
+            with self._gate.read():         # allocations never overlap a measurement
                 buffer = DeviceBuffer(nbytes, self.context.device)
             try:
                 stream = self.streams.get(self.context.device)
                 stream.copy_to_device(buffer.ptr, handle.block.ptr, nbytes)
                 stream.synchronize()
             except BaseException:
-                with self._measure_lock:
+                with self._gate.read():
                     buffer.free()
                 raise
             handle.device_weights = buffer
@@ -544,7 +550,7 @@ class OnnxRuntimeBackend(Backend):
             handle.device_weights = allocation
             base, device, run_options = handle.block, None, None
         handle.wrapper = OrtModel(handle.name, handle.session, handle.weights, device, base, handle.input_names,
-                                  handle.output_names, run_options, self._runner(handle))
+                                  handle.output_names, run_options, self._runner(handle), self._gate)
 
     def _session_to_device(self, handle: OrtHandle) -> None:
         """A session on the device from the host files; the first one saves an optimized graph
@@ -573,7 +579,7 @@ class OnnxRuntimeBackend(Backend):
                 self._adopt_optimized(handle, save)
         handle.session, handle.device_weights = session, allocation
         handle.wrapper = OrtModel(handle.name, session, [], None, None, handle.input_names, handle.output_names,
-                                  self._run_options(handle.options), self._runner(handle))
+                                  self._run_options(handle.options), self._runner(handle), self._gate)
 
     def _adopt_optimized(self, handle: OrtHandle, path: str) -> None:
         """Make the optimized graph the first device session saved the host files' model. Skipped
@@ -649,7 +655,7 @@ class OnnxRuntimeBackend(Backend):
         """Run ``create()`` and return its result with this process's device-memory growth (NVML).
         This backend's own allocations and frees wait meanwhile, so they do not skew the figure."""
         monitor = self.context.monitor
-        with self._measure_lock:
+        with self._gate.write():
             before = monitor.process_bytes() or 0
             result = create()
             after = monitor.process_bytes() or 0
@@ -662,7 +668,7 @@ class OnnxRuntimeBackend(Backend):
         if handle.mode == "session":
             handle.session = None              # the last reference: its device memory goes now
         if isinstance(handle.device_weights, DeviceBuffer):
-            with self._measure_lock:
+            with self._gate.read():
                 handle.device_weights.free()
         elif handle.device_weights is not None:
             handle.device_weights.free()
@@ -724,6 +730,14 @@ class OnnxRuntimeBackend(Backend):
             import shutil
             shutil.rmtree(handle.host_dir, ignore_errors=True)
             handle.host_dir = None
+
+    def _unpark_impl(self, handle: OrtHandle) -> None:
+        """Drop the session kept on the device for fast swap-ins; the next swap-in creates it again."""
+        if handle.wrapper is not None:
+            handle.wrapper.valid = False
+            handle.wrapper = None
+        with self._gate.write() if self.on_gpu else contextlib.nullcontext():
+            handle.session = None
 
     def _drop_host_session(self, handle: OrtHandle) -> None:
         if handle.host_wrapper is not None:
@@ -806,6 +820,45 @@ class OnnxRuntimeBackend(Backend):
 
 
 # helpers -------------------------------------------------------------------------------------------
+class _Gate:
+    """A readers/writer lock preferring the writer: any number of runs and allocations at once, or
+    one memory measurement alone (waiting readers let a waiting measurement go first)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Any:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Any:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 def _looks_like_onnx(head: bytes) -> bool:
     """ModelProto starts with field 1 (ir_version, varint) in practice: byte 0x08."""
     return len(head) > 2 and head[0] == 0x08
