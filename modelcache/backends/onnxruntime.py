@@ -485,7 +485,7 @@ class OnnxRuntimeBackend(Backend):
             setattr(so, key, val)
         if optimized:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if not cpu and self.on_gpu and options.get("shared_arena", True) and self._shared_arena():
+        if not cpu and self.on_gpu and options.get("shared_arena", False) and self._shared_arena():
             so.add_session_config_entry("session.use_env_allocators", "1")
         if save_optimized:
             so.optimized_model_filepath = save_optimized
@@ -632,7 +632,7 @@ class OnnxRuntimeBackend(Backend):
     def _run_options(self, options: Dict[str, Any]) -> Any:
         """On a GPU, arenas give back what a run allocated once it ends (``shrink_arena``, default
         True): cached models then hold no activation memory between requests."""
-        if not self.on_gpu or not options.get("shrink_arena", True):
+        if not self.on_gpu or not options.get("shrink_arena", False):
             return None
         ort = _ort()
         run_options = ort.RunOptions()
