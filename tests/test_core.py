@@ -532,11 +532,9 @@ def test_lease_misuse(make_cache):
         cache.use("a", timeout=-1).acquire()
 
 
-ParkingBackendForTests: list = []
-
-
-def test_device_bytes_kept_by_parked_models_count_against_the_budget(device):
-    """Like ONNX Runtime's weights mode: 30 B stay on the device after eviction (a session)."""
+def parking_backend():
+    """A python backend whose models keep 30 B on the device after eviction, like ONNX Runtime's
+    weights mode keeps a session; ``unpark`` frees them."""
     from modelcache.backends.python import PythonBackend, PythonHandle
 
     class ParkingHandle(PythonHandle):
@@ -572,7 +570,11 @@ def test_device_bytes_kept_by_parked_models_count_against_the_budget(device):
                 handle.parked.free()
                 handle.parked = None
 
-    ParkingBackendForTests.append(ParkingBackend)
+    return ParkingBackend
+
+
+def test_device_bytes_kept_by_parked_models_count_against_the_budget(device):
+    ParkingBackend = parking_backend()
     cache = mc.ModelCache(monitor=device, device_budget=400, reserve=0, watch_interval=None)
     for i in range(6):
         cache.register(f"m{i}", b"x" * 100, backend=ParkingBackend)
@@ -621,9 +623,7 @@ def test_underestimated_model_is_not_evicted_by_its_own_swap_in(device):
 
 def test_parked_bytes_filling_the_budget_are_freed_for_a_swap_in(device):
     """Twelve parked models keep 360 of 400 B: the planner unparks some to bring one in."""
-    if not ParkingBackendForTests:
-        test_device_bytes_kept_by_parked_models_count_against_the_budget(mc.SimulatedDevice(1000))
-    backend = ParkingBackendForTests[0]
+    backend = parking_backend()
     cache = mc.ModelCache(monitor=device, device_budget=400, reserve=0, watch_interval=None)
     for i in range(12):
         cache.register(f"m{i}", b"x" * 100, backend=backend)
