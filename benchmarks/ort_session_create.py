@@ -19,7 +19,6 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import modelcache as mc  # noqa: E402
 from modelcache.generate import make_mlp, save_model  # noqa: E402
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import itertools
 import logging
 import os
@@ -26,8 +25,8 @@ import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import (Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Tuple,
-                    Type, TypeVar, Union)
+from typing import (Any, AsyncIterator, Callable, Dict, List, Optional, Tuple,
+                    Type, Union)
 
 from .backends import Backend, BackendContext, Handle, backend_class, detect_backend
 from .errors import (BackendError, CacheClosedError, ConfigError, DeviceBusyError, DuplicateModelError,
@@ -41,7 +40,6 @@ from .tiers import EntryInfo, Tier
 
 logger = logging.getLogger("modelcache")
 
-F = TypeVar("F", bound=Callable[..., Any])
 _DEFAULT_TIMEOUT = 30.0
 LIVE_CACHES: "weakref.WeakSet[ModelCache]" = weakref.WeakSet()   # for `modelcache.status`
 

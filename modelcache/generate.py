@@ -15,7 +15,6 @@ def make_mlp(hidden: int = 64, layers: int = 2, *, seed: int = 0, bias: bool = T
     Weights are float32, ``hidden`` x ``hidden`` each (4 * hidden**2 bytes a layer), scaled so
     outputs stay finite. The input ``x`` is ``[batch, hidden]`` (``batch`` None: symbolic).
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

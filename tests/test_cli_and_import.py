@@ -3,7 +3,6 @@ import sys
 import textwrap
 
 import modelcache as mc
-from modelcache.cli import main
 
 HEAVY = ["onnxruntime", "onnx", "tensorrt", "tensorrt_rtx_bindings", "pycuda", "cuda", "pynvml", "torch"]
 

@@ -31,7 +31,6 @@ import contextlib
 import os
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
