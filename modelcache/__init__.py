@@ -16,7 +16,7 @@ from .backends import Backend, BackendContext, Handle, register_backend
 from .cache import Lease, ModelCache
 from .errors import (BackendError, CacheClosedError, ConfigError, CorruptFileError, DeviceBusyError,
                      DeviceOutOfMemoryError, DuplicateModelError, EngineBuildError, EngineCompatibilityError,
-                     EngineDeserializationError, LeaseTimeoutError, LoaderError,
+                     EngineDeserializationError, LeaseTimeoutError, LoaderError, ModelInputError,
                      ModelCacheError, ModelInUseError, ModelNotFoundError, ModelTooLargeError, MonitorError,
                      UnsupportedModelError)
 from .monitors import DeviceMonitor, HostMonitor, MemoryReading, NvmlMonitor, SimulatedDevice
@@ -35,6 +35,6 @@ __all__ = [
     "ModelCacheError", "ConfigError", "ModelNotFoundError", "DuplicateModelError", "ModelInUseError",
     "LoaderError", "UnsupportedModelError", "BackendError", "CorruptFileError", "LeaseTimeoutError",
     "DeviceBusyError", "ModelTooLargeError", "DeviceOutOfMemoryError", "MonitorError", "CacheClosedError",
-    "EngineDeserializationError", "EngineCompatibilityError", "EngineBuildError",
+    "EngineDeserializationError", "EngineCompatibilityError", "EngineBuildError", "ModelInputError",
     "__version__",
 ]

@@ -81,6 +81,11 @@ class DeviceOutOfMemoryError(ModelCacheError, MemoryError):
     """An allocation on the device failed (on a :class:`SimulatedDevice`, or a CUDA OOM)."""
 
 
+class ModelInputError(ModelCacheError, ValueError):
+    """A run was given inputs the model does not have, or lacks inputs it needs; the message lists
+    the model's real inputs."""
+
+
 class EngineDeserializationError(BackendError):
     """TensorRT refused a plan (corrupt, truncated, foreign, or built for another GPU); the
     message carries TensorRT's own log lines (also on ``trt_messages``)."""
@@ -122,6 +127,7 @@ __all__ = [
     "DeviceOutOfMemoryError",
     "MonitorError",
     "CacheClosedError",
+    "ModelInputError",
     "EngineDeserializationError",
     "EngineCompatibilityError",
     "EngineBuildError",

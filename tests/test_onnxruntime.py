@@ -8,7 +8,8 @@ import modelcache as mc
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from modelcache.backends.onnxruntime import InvalidModelError, ModelInputError  # noqa: E402
+from modelcache.backends.onnxruntime import InvalidModelError  # noqa: E402
+from modelcache import ModelInputError  # noqa: E402
 from modelcache.generate import make_mlp, save_model  # noqa: E402
 
 HIDDEN = 512          # 1 MiB per weight matrix: at the default threshold

@@ -296,7 +296,7 @@ def test_leases_respected_with_engines(tmp_path):
 def test_bad_inputs_and_stale_model(sim_cache):
     sim_cache.register("e", trt_double.make_plan(), backend="tensorrt", trt_module=trt_double)
     with sim_cache.use("e") as model:
-        with pytest.raises(mc.ModelCacheError, match="unknown \\['z'\\]"):
+        with pytest.raises(mc.ModelInputError, match="unknown \\['z'\\]"):
             model.run({"z": np.zeros((1, 8), np.float32)})
         with pytest.raises(mc.ModelCacheError, match="unknown output"):
             model.run({"x": np.zeros((1, 8), np.float32)}, output_names=["w"])

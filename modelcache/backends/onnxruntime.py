@@ -38,7 +38,7 @@ import numpy as np
 
 from .._fileio import atomic_write, model_file, read_verified, remove_quietly
 from ..cuda import DeviceBuffer, HostBlock, HostPool, PinnedPool, StreamPool, align, device_pointer
-from ..errors import ConfigError, CorruptFileError, ModelCacheError, UnsupportedModelError
+from ..errors import ConfigError, CorruptFileError, ModelCacheError, ModelInputError, UnsupportedModelError
 from ..tiers import Tier
 from .base import Backend, BackendContext, Handle
 
@@ -52,10 +52,6 @@ _env_arenas_lock = threading.Lock()
 
 class InvalidModelError(UnsupportedModelError):
     """The ONNX model is malformed, incomplete (missing external data) or rejected by ONNX Runtime."""
-
-
-class ModelInputError(ModelCacheError, ValueError):
-    """A run was given inputs the model does not have, or lacks inputs it needs."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 from .._fileio import atomic_write, model_file, read_verified, remove_quietly
 from ..cuda import DeviceBuffer, StreamPool, align, as_int, device_pointer
 from ..errors import (BackendError, ConfigError, CorruptFileError, EngineCompatibilityError,
-                      EngineDeserializationError, ModelCacheError, UnsupportedModelError)
+                      EngineDeserializationError, ModelCacheError, ModelInputError, UnsupportedModelError)
 from ..tiers import Tier
 from .base import Backend, BackendContext, Handle
 from .tensorrt_build import (BuildCache, BuildOptions, environment, import_trt, iter_io, logger_for, mismatches,
@@ -35,10 +35,6 @@ from .tensorrt_build import (BuildCache, BuildOptions, environment, import_trt, 
 
 _OPTIONS = {"trt_module", "build", "build_cache_dir", "rebuild", "size_hint"}
 _PLAN_SUFFIXES = (".plan", ".engine", ".trt")
-
-
-class ModelInputError(ModelCacheError, ValueError):
-    """A run was given inputs the engine does not have, or lacks inputs it needs."""
 
 
 class TrtHandle(Handle):
