@@ -89,7 +89,7 @@ def main() -> int:
         ins.append(timed(lambda: plain.set_providers([p if isinstance(p, str) else p[0] for p in device_providers],
                                                      [{} if isinstance(p, str) else p[1] for p in device_providers]))[0])
     res["set_providers_out_s"], res["set_providers_in_s"] = median(outs), median(ins)
-    del plain
+    plain = None   # drop the session before the next measurements
 
     # 2. stock re-creation: from the seed's single file, and from an external-data file
     for key, source in (("recreate_in_s", path), ("recreate_external_in_s", ext_path)):

@@ -63,6 +63,15 @@ def read_verified(path: str, sha256: Optional[str], *, model: Optional[str] = No
     return data
 
 
+def sha256_file(path: str) -> str:
+    """The sha256 hex digest of a file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def remove_quietly(path: Optional[str]) -> None:
     if path:
         try:

@@ -31,6 +31,7 @@ import numpy as np
 from .errors import ConfigError, DeviceOutOfMemoryError, ModelCacheError
 from .monitors import DeviceMonitor, NvmlMonitor, SimulatedDevice
 from .sizes import Size, format_bytes, parse_size
+from .tiers import Tier
 from .workload import belady_hits, make_trace, read_trace
 
 MiB = 1 << 20
@@ -175,14 +176,21 @@ def output_ok(out: np.ndarray, ref: np.ndarray) -> bool:
 
 # ----------------------------------------------------------------------------- contenders
 class Contender:
+    """One way of serving the trace. Device memory is this process's growth since the contender
+    started (NVML), or its allocations on a simulated device."""
+
     name = "contender"
+
+    def __init__(self, monitor: DeviceMonitor) -> None:
+        self.monitor = monitor
+        self._base = 0 if monitor.simulated else (monitor.process_bytes() or 0)
 
     def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
         """Run ``spec`` on its input: (output, hit)."""
         raise NotImplementedError
 
     def device_bytes(self) -> int:
-        raise NotImplementedError
+        return (self.monitor.process_bytes() or 0) - self._base
 
     def tiers(self) -> Tuple[int, int]:
         """(models on the device, models on the host)."""
@@ -203,17 +211,16 @@ class ModelCacheContender(Contender):
                  reserve: int) -> None:
         from .cache import ModelCache
         self.name = f"modelcache-{policy}"
-        self.monitor = monitor
         self.cache = ModelCache(monitor=monitor, device_budget=budget, reserve=reserve, policy=policy,
                                 watch_interval=0.1)
         threshold = min(MiB, min(s.nbytes for s in specs) // 8)
         for spec in specs:
             self.cache.register(spec.name, spec.path, backend="onnxruntime", mode="weights", verify=False,
                                 host_session=False, weights_threshold=max(threshold, 1024))
-        futures = [self.cache.prefetch(spec.name, tier=_host_tier(), timeout=None) for spec in specs]
+        futures = [self.cache.prefetch(spec.name, tier=Tier.HOST, timeout=None) for spec in specs]
         for fut in futures:
             fut.result()
-        self._base = 0 if monitor.simulated else (monitor.process_bytes() or 0)
+        super().__init__(monitor)     # the baseline: after parking every model on the host
 
     def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
         lease = self.cache.use(spec.name, timeout=300)
@@ -222,10 +229,6 @@ class ModelCacheContender(Contender):
             return model.run(None, {"x": spec.x})[0], bool(lease.hit)
         finally:
             lease.release()
-
-    def device_bytes(self) -> int:
-        return (self.monitor.process_bytes() or 0) - self._base if not self.monitor.simulated \
-            else (self.monitor.process_bytes() or 0)
 
     def tiers(self) -> Tuple[int, int]:
         stats = self.cache.stats()
@@ -246,14 +249,13 @@ class _SessionContender(Contender):
 
     def __init__(self, monitor: DeviceMonitor) -> None:
         import onnxruntime as ort
+        super().__init__(monitor)
         self.ort = ort
-        self.monitor = monitor
         self.providers = ["CPUExecutionProvider"] if monitor.simulated else \
             ["CUDAExecutionProvider", "CPUExecutionProvider"]
         self._loads = 0
         self._load_times: List[float] = []
         self._lock = threading.Lock()
-        self._base = 0 if monitor.simulated else (monitor.process_bytes() or 0)
 
     def _create(self, spec: ModelSpec) -> Tuple[Any, Any]:
         allocation = None
@@ -270,9 +272,6 @@ class _SessionContender(Contender):
             self._loads += 1
             self._load_times.append(time.perf_counter() - start)
         return session, allocation
-
-    def device_bytes(self) -> int:
-        return (self.monitor.process_bytes() or 0) - self._base
 
     def swap_ins(self) -> int:
         return self._loads
@@ -346,11 +345,6 @@ class NaiveContender(_SessionContender):
 
     def tiers(self) -> Tuple[int, int]:
         return (1 if self.current else 0), 0
-
-
-def _host_tier():
-    from .tiers import Tier
-    return Tier.HOST
 
 
 # ----------------------------------------------------------------------------- running

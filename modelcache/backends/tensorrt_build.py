@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .._fileio import atomic_write
+from .._fileio import atomic_write, sha256_file
 from ..errors import ConfigError, EngineBuildError, ModelCacheError
 from ..sizes import Size, parse_size
 
@@ -154,14 +154,6 @@ def mismatches(plan_env: Dict[str, Any], running: Dict[str, Any]) -> List[str]:
     if a and b and str(a).split(".")[0] != str(b).split(".")[0]:
         out.append(f"cuda_version: plan {a!r}, running {b!r}")
     return out
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(16 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_sidecar(path: str, sidecar: Dict[str, Any]) -> None:
