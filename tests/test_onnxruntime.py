@@ -251,3 +251,16 @@ def test_concurrent_runs_and_evictions_stay_correct(model_files, tmp_path):
         assert not errors, errors[:2]
         assert device.peak_process_bytes <= 2 * one
         assert cache.stats()["evictions"] > 0
+
+
+@pytest.mark.parametrize("mode", ["weights", "session"])
+def test_weights_not_a_multiple_of_the_alignment_survive_every_tier(cache, tmp_path, mode):
+    """700 x 700 float32 = 1 960 000 B, not a multiple of the 256 B alignment of the host block."""
+    path = save_model(make_mlp(700, 3, seed=4), str(tmp_path / "odd.onnx"), external_data=True)
+    x = np.random.default_rng(1).standard_normal((2, 700)).astype(np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    cache.register("odd", path, mode=mode)
+    for tier in [mc.Tier.HOST, mc.Tier.DISK, mc.Tier.HOST]:
+        with cache.use("odd") as model:
+            np.testing.assert_allclose(model.run(None, {"x": x})[0], expected, rtol=RTOL, atol=ATOL)
+        cache.evict("odd", tier=tier)

@@ -86,7 +86,7 @@ class OrtHandle(Handle):
         self.mode_reason = ""
         self.graph = b""                       # serialized graph (weights mode: weights as inputs)
         self.weights: List[Weight] = []
-        self.weights_nbytes = 0                # bytes used in the block (the block may be larger)
+        self.weights_nbytes = 0                # bytes of the block in use: up to the end of the last weight
         self.block: Optional[HostBlock] = None          # the weights in host memory
         self.device_weights: Any = None                  # DeviceBuffer or SimulatedAllocation
         self.session: Any = None                # weights mode: the long-lived session
@@ -298,7 +298,9 @@ class OnnxRuntimeBackend(Backend):
             ext_graph, weights, block = self._externalize(name, proto, threshold)
             del proto
             handle.weights, handle.block = weights, block
-            handle.weights_nbytes = sum(w.nbytes for w in weights)
+            # the span the weights use in the block: offsets are aligned, so this is more than the
+            # sum of their sizes; files, copies and device buffers all take the whole span
+            handle.weights_nbytes = weights[-1].offset + weights[-1].nbytes if weights else 0
             handle.host_bytes = block.nbytes if block is not None else 0
             candidate = None
             if mode == "session" or not weights:
