@@ -22,6 +22,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from modelcache.generate import make_mlp, save_model  # noqa: E402
 
 
+def relocated(onnx, path: str, location: str) -> bytes:
+    """The graph at ``path`` (weights not loaded), its external data renamed to ``location``."""
+    graph = onnx.load(path, load_external_data=False)
+    for init in graph.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = location
+    return graph.SerializeToString()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=512)
@@ -41,12 +51,7 @@ def main() -> None:
     external = save_model(make_mlp(hidden, 8, bias=False, batch=1), os.path.join(d, "external.onnx"),
                           external_data=True)
     data = open(external + ".data", "rb").read()
-    graph = onnx.load(external, load_external_data=False)
-    for init in graph.graph.initializer:
-        for e in init.external_data:
-            if e.key == "location":
-                e.value = "w.bin"
-    graph_bytes = graph.SerializeToString()
+    graph_bytes = relocated(onnx, external, "w.bin")
     pageable = np.frombuffer(data, np.uint8).copy()
     pinned = None
     if gpu:
@@ -71,12 +76,7 @@ def main() -> None:
 
     opt_path = os.path.join(d, "opt.onnx")
     ort.InferenceSession(graph_bytes, opts(memory=pageable, save=opt_path), providers=providers)
-    opt_graph = onnx.load(opt_path, load_external_data=False)
-    for init in opt_graph.graph.initializer:
-        for e in init.external_data:
-            if e.key == "location":
-                e.value = "w.bin"
-    opt_bytes = opt_graph.SerializeToString()
+    opt_bytes = relocated(onnx, opt_path, "w.bin")
     opt_data = np.frombuffer(open(os.path.join(d, "opt.data"), "rb").read(), np.uint8).copy()
 
     def opt_mem():
