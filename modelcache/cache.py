@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -49,7 +50,8 @@ class _Entry:
 
     __slots__ = ("name", "loader", "backend_spec", "backend", "options", "pinned", "owner", "handle",
                  "tier", "moving", "moving_to", "evicting_for", "leases", "hits", "misses", "loads",
-                 "uses", "tick", "last_used", "swap_in_seconds", "load_seconds", "last_error", "removed")
+                 "uses", "tick", "last_used", "swap_in_seconds", "load_seconds", "last_error", "removed",
+                 "unpark_after")
 
     def __init__(self, name: str, loader: Any, backend_spec: Any, options: Dict[str, Any],
                  pinned: bool, owner: Any) -> None:
@@ -71,6 +73,7 @@ class _Entry:
         self.load_seconds: Optional[float] = None
         self.last_error: Optional[str] = None
         self.removed = False
+        self.unpark_after = False    # a victim whose kept device bytes go too (planner's choice)
 
     @property
     def device_bytes(self) -> int:
@@ -86,6 +89,13 @@ class _Entry:
         if self.handle is None or self.tier is Tier.DEVICE:
             return 0
         return self.handle.parked_device_bytes()
+
+    @property
+    def unpark_frees(self) -> int:
+        """Device bytes unparking would free (parked bytes may be shared with other models)."""
+        if self.handle is None or self.tier is not Tier.HOST:
+            return 0
+        return self.handle.unpark_frees_bytes()
 
     @property
     def freed_by_eviction(self) -> int:
@@ -448,13 +458,19 @@ class ModelCache:
             return []
         victims: List[_Entry] = []
         freed = 0
-        for candidate in self._ranked_victims(exclude):
-            victims.append(self._entries[candidate.name])
+        for candidate, unpark in self._ranked_victims(exclude):
+            victim = self._entries[candidate.name]
+            if unpark and victim in victims:
+                victim.unpark_after = True      # evicted and its kept bytes freed too
+            else:
+                victims.append(victim)
             freed += candidate.nbytes
             if freed >= over_budget and freed >= short_free:
                 for victim in victims:
                     self.policy.on_evict(victim.candidate(victim.device_bytes))
                 return victims
+        for victim in victims:
+            victim.unpark_after = False
         return None
 
     def _evictable(self, exclude: Optional[_Entry] = None) -> List[Candidate]:
@@ -462,13 +478,19 @@ class ModelCache:
                 if e.tier is Tier.DEVICE and e.moving is None and e.leases == 0 and not e.pinned
                 and e is not exclude]
 
-    def _ranked_victims(self, exclude: Optional[_Entry] = None) -> List[Candidate]:
-        """Resident models in policy order, then parked models that keep device bytes (their
-        backend "unparks" them: e.g. drops a session kept for fast swap-ins)."""
-        parked = [e.candidate(e.parked_bytes) for e in self._entries.values()
-                  if e.tier is Tier.HOST and e.parked_bytes > 0 and e.moving is None and e.leases == 0
-                  and e is not exclude]
-        return self.policy.rank(self._evictable(exclude)) + self.policy.rank(parked)
+    def _ranked_victims(self, exclude: Optional[_Entry] = None) -> List[Tuple[Candidate, bool]]:
+        """(candidate, unpark) pairs: resident models in policy order (evict); then parked models
+        that keep device bytes (unpark: their backend drops e.g. a session kept for fast
+        swap-ins); then, once more, resident models whose eviction would keep such bytes (evict
+        and unpark). ``candidate.nbytes`` is what each step frees."""
+        evictable = self._evictable(exclude)
+        parked = [e.candidate(e.unpark_frees) for e in self._entries.values()
+                  if e.tier is Tier.HOST and e.moving is None and e.leases == 0 and e is not exclude
+                  and e.unpark_frees > 0]
+        kept = [dataclasses.replace(c, nbytes=self._entries[c.name].handle.unpark_frees_bytes())  # type: ignore[union-attr]
+                for c in evictable]
+        return ([(c, False) for c in self.policy.rank(evictable)] + [(c, True) for c in self.policy.rank(parked)]
+                + [(c, True) for c in self.policy.rank([c for c in kept if c.nbytes > 0])])
 
     def _accounted_bytes(self) -> int:
         """Device bytes the cache answers for: residents, what parked models keep on the device,
@@ -500,6 +522,7 @@ class ModelCache:
     def _end_move(self, entry: _Entry, error: Optional[BaseException] = None) -> None:
         """Lock held: finish ``entry``'s move and wake its waiters."""
         moving, entry.moving, entry.moving_to, entry.evicting_for = entry.moving, None, None, None
+        entry.unpark_after = False
         if error is not None:
             entry.last_error = str(error)
         self._cond.notify_all()
@@ -606,9 +629,9 @@ class ModelCache:
             entry.tier = Tier.DEVICE
             entry.last_error = None
             self._end_move(entry)
-            grew = entry.device_bytes > reservation.need
+            over = self._accounted_bytes() > self.device_budget_bytes
         self._settle_host()  # after the move: the model's own host bytes may have left with it
-        if grew:  # the backend measured more than it estimated: restore the budget (not with this model)
+        if over:  # the backend measured more than it estimated: restore the budget (not with this model)
             self._relieve(exclude=entry)
 
     def _move_down(self, entry: _Entry, reason: str) -> None:
@@ -626,6 +649,9 @@ class ModelCache:
                     start = time.perf_counter()
                     backend.to_host(handle)
                     self._record.observe("swap_out", time.perf_counter() - start)
+                    if entry.unpark_after and target is Tier.HOST:
+                        backend.unpark(handle)
+                        self._record.incr("unparks")
                 self._record.incr("evictions")
                 self._record.incr(f"evictions.{reason}")
             if target is Tier.DISK and handle.tier is not Tier.DISK:
@@ -692,14 +718,17 @@ class ModelCache:
             victims: List[_Entry] = []
             if over_budget > 0 or short_free > 0:
                 freed = 0
-                for candidate in self._ranked_victims(exclude):
+                for candidate, unpark in self._ranked_victims(exclude):
                     if freed >= over_budget and freed >= short_free:
                         break
                     victim = self._entries[candidate.name]
+                    freed += candidate.nbytes
+                    if unpark and victim in victims:
+                        victim.unpark_after = True
+                        continue
                     self.policy.on_evict(candidate)
                     self._begin_move(victim, self._eviction_target(victim))
                     victims.append(victim)
-                    freed += candidate.nbytes
         evicted = 0
         for victim in victims:
             try:

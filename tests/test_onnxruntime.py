@@ -17,6 +17,7 @@ X = np.random.default_rng(7).standard_normal((3, HIDDEN)).astype(np.float32)
 # Weights mode feeds weights as inputs; ONNX Runtime's CPU kernels pre-pack constant weights and sum
 # in another order, so on the CPU the two agree to float rounding, not bit for bit.
 RTOL, ATOL = 1e-5, 1e-6
+MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,10 @@ def test_weights_mode_bytes_and_reason(cache, model_files):
     with cache.use("m"):
         info = cache.info("m")
     assert info.details["mode"] == "weights" and "match" in info.details["mode_reason"]
-    assert info.details["weights"] == 3 and info.details["weights_bytes"] == 3 * HIDDEN * HIDDEN * 4
-    assert info.device_bytes == 3 * HIDDEN * HIDDEN * 4          # exact buffer sizes, no session overhead on CPU
+    # the 1 MiB matrices, and (so that fine-tunes of one architecture can share a session) the
+    # 2 KiB float biases; each starts at a 256 B boundary
+    assert info.details["weights"] == 6 and info.details["weights_bytes"] == 3 * HIDDEN * HIDDEN * 4 + 3 * HIDDEN * 4
+    assert info.device_bytes == info.details["weights_bytes"]    # exact buffer sizes, no session overhead on CPU
     assert cache.info("m").host_bytes >= info.details["weights_bytes"]  # the host copy stays (pinned on a GPU)
 
 
@@ -102,9 +105,9 @@ def test_rewrite_that_changes_results_falls_back_to_session(cache, model_files, 
     import modelcache.backends.onnxruntime as backend_module
     real = backend_module._as_inputs
 
-    def wrong_rewrite(proto, weights):   # a rewrite that breaks the model's meaning
+    def wrong_rewrite(proto, weights, **kw):   # a rewrite that breaks the model's meaning
         proto.graph.node[-1].op_type = "Neg"
-        return real(proto, weights)
+        return real(proto, weights, **kw)
 
     monkeypatch.setattr(backend_module, "_as_inputs", wrong_rewrite)
     cache.register("auto", model_files["plain"])
@@ -122,9 +125,9 @@ def test_rewrite_that_onnxruntime_rejects_falls_back(cache, model_files, monkeyp
     import modelcache.backends.onnxruntime as backend_module
     real = backend_module._as_inputs
 
-    def broken(proto, weights):
+    def broken(proto, weights, **kw):
         proto.graph.node[0].op_type = "NoSuchOp"
-        return real(proto, weights)
+        return real(proto, weights, **kw)
 
     monkeypatch.setattr(backend_module, "_as_inputs", broken)
     cache.register("m", model_files["plain"])
@@ -211,7 +214,7 @@ def test_disk_tier_is_atomic_and_checked(cache, model_files):
     names = sorted(os.listdir(folder))
     assert len(names) == 2 and not any(n.startswith(".tmp") for n in names)
     weights = [os.path.join(folder, n) for n in names if n.endswith(".weights")][0]
-    assert os.path.getsize(weights) == 3 * HIDDEN * HIDDEN * 4
+    assert os.path.getsize(weights) == 3 * HIDDEN * HIDDEN * 4 + 3 * HIDDEN * 4   # matrices and biases
     with open(weights, "r+b") as f:
         f.seek(1000)
         f.write(b"\xff\xff\xff\xff")
@@ -264,3 +267,104 @@ def test_weights_not_a_multiple_of_the_alignment_survive_every_tier(cache, tmp_p
         with cache.use("odd") as model:
             np.testing.assert_allclose(model.run(None, {"x": x})[0], expected, rtol=RTOL, atol=ATOL)
         cache.evict("odd", tier=tier)
+
+
+# session groups: models of one architecture share one session ----------------------------------
+def _mlp(folder, hidden, seed, layers=2):
+    path = save_model(make_mlp(hidden, layers, seed=seed), str(folder / f"mlp{hidden}x{layers}-{seed}.onnx"))
+    x = np.random.default_rng(seed).standard_normal((2, hidden)).astype(np.float32)
+    y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return path, x, y
+
+
+def test_models_of_one_architecture_share_one_session_counted_once(tmp_path):
+    """Same topology, other weights and sizes: one session, its bytes counted once, every output
+    right; another architecture gets its own; the session goes with its last model."""
+    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB")
+    models = {"a": _mlp(tmp_path, 256, 1), "b": _mlp(tmp_path, 256, 2), "c": _mlp(tmp_path, 384, 3),
+              "deep": _mlp(tmp_path, 256, 4, layers=3)}
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
+        for name, (path, _, _) in models.items():
+            cache.register(name, path, weights_threshold=4096)
+        for _ in range(2):
+            for name, (_, x, y) in models.items():
+                with cache.use(name) as model:
+                    np.testing.assert_allclose(model.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+        stats = cache.stats()
+        assert stats["onnxruntime.sessions"] == 2 and stats["onnxruntime.sessions.created"] == 2
+        assert [cache.info(n).details["session_shared_by"] for n in models] == [3, 3, 3, 1]
+        weights = sum(cache.info(n).details["weights_bytes"] for n in models)
+        assert stats["device.bytes"] == stats["device.accounted_bytes"] == weights + 2 * MiB
+        assert device.process_bytes() == weights + 2 * MiB
+        cache.evict("a")                      # the owner leaves the device: the bytes stay counted
+        assert cache.stats()["device.bytes"] == weights - cache.info("a").details["weights_bytes"] + 2 * MiB
+        cache.unregister("a")                 # the next member carries them
+        cache.unregister("b")
+        assert cache.stats()["onnxruntime.sessions"] == 2
+        assert cache.stats()["device.accounted_bytes"] == device.process_bytes()
+        cache.unregister("c")
+        assert cache.stats()["onnxruntime.sessions"] == 1
+        cache.unregister("deep")
+        assert cache.stats()["onnxruntime.sessions"] == 0 and device.process_bytes() == 0
+
+
+def test_share_session_false_gives_each_model_its_own_session(tmp_path):
+    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB")
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
+        for name, seed in (("a", 1), ("b", 2)):
+            path, x, y = _mlp(tmp_path, 256, seed)
+            cache.register(name, path, share_session=False, weights_threshold=4096)
+            with cache.use(name) as model:
+                np.testing.assert_allclose(model.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+        assert cache.stats()["onnxruntime.sessions"] == 2
+        assert device.process_bytes() == cache.stats()["device.accounted_bytes"]
+
+
+def test_a_lone_parked_session_is_unparked_to_make_room(tmp_path):
+    """Sessions of architectures with one model each, parked, fill the budget: the planner
+    drops one to bring a model in, and the accounting matches the device throughout."""
+    device = mc.SimulatedDevice("64MiB", session_overhead="2MiB")
+    models = {f"m{k}": _mlp(tmp_path, 128, k, layers=2 + k) for k in range(4)}   # 4 architectures
+    weights = {}
+    with mc.ModelCache(monitor=device, device_budget="6MiB", reserve=0, watch_interval=None) as cache:
+        for name, (path, _, _) in models.items():
+            cache.register(name, path, weights_threshold=4096)
+        for _ in range(3):
+            for name, (_, x, y) in models.items():
+                with cache.use(name) as model:
+                    np.testing.assert_allclose(model.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+                    weights[name] = cache.info(name).details["weights_bytes"]
+                stats = cache.stats()
+                assert stats["device.accounted_bytes"] <= 6 * MiB
+                assert device.process_bytes() == stats["device.accounted_bytes"]
+        assert cache.stats()["unparks"] > 0
+        assert cache.stats()["onnxruntime.sessions.created"] > 4      # dropped sessions were made again
+
+
+def test_group_session_created_once_under_concurrent_swap_ins(tmp_path):
+    device = mc.SimulatedDevice("256MiB", session_overhead="1MiB")
+    models = {f"m{k}": _mlp(tmp_path, 256, k) for k in range(6)}
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
+        for name, (path, _, _) in models.items():
+            cache.register(name, path, weights_threshold=4096)
+            cache.prefetch(name, tier=mc.Tier.HOST).result()
+        errors = []
+        barrier = threading.Barrier(len(models))
+
+        def work(name):
+            _, x, y = models[name]
+            try:
+                barrier.wait()
+                with cache.use(name) as model:
+                    np.testing.assert_allclose(model.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in models]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert cache.stats()["onnxruntime.sessions.created"] == 1
+        assert device.process_bytes() == cache.stats()["device.accounted_bytes"]

@@ -42,6 +42,11 @@ class Handle:
         session kept for fast swap-ins). The cache counts them against the budget."""
         return 0
 
+    def unpark_frees_bytes(self) -> int:
+        """Device bytes :meth:`Backend.unpark` would free on the host tier (for a model on the
+        device: once evicted). 0: nothing, e.g. the bytes are shared with models still using them."""
+        return self.parked_device_bytes()
+
     def kept_after_eviction(self) -> int:
         """Of ``device_bytes``, what a move to the host tier would keep on the device."""
         return 0

@@ -45,7 +45,7 @@ from .base import Backend, BackendContext, Handle
 MiB = 1 << 20
 WEIGHTS_FILE = "modelcache.weights"   # the external-data location the graph refers to
 _OPTIONS = {"mode", "weights_threshold", "host_session", "verify", "provider_options", "session_options",
-            "rtol", "atol", "size_hint", "shared_arena", "shrink_arena"}
+            "rtol", "atol", "size_hint", "shared_arena", "shrink_arena", "share_session", "share_threshold"}
 _env_arenas: set = set()          # devices whose shared CUDA arena is registered with ONNX Runtime
 _env_arenas_lock = threading.Lock()
 
@@ -79,6 +79,28 @@ def _onnx() -> Any:
     return onnx
 
 
+class _SessionGroup:
+    """One long-lived device session shared by every weights-mode model whose rewritten graph is
+    the same up to tensor sizes (same operators, names and small constants; options equal).
+
+    ONNX Runtime's CUDA provider keeps memory per session (cuBLAS/cuDNN handles and workspaces,
+    arena: about 200 MiB on an H100 once it has run), so N models of one architecture pay it
+    once. ``nbytes`` is that figure, measured when the session was created and first run. The
+    first member (the owner) carries it in the cache's accounting; the group and its session
+    (and its runner thread) go when the last member leaves."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.lock = threading.Lock()    # held while the session is created: one creation per group
+        self.session: Any = None
+        self.runner: Any = None         # the session's own thread on a GPU (its CUDA context lives there)
+        self.allocation: Any = None     # simulated device: the session's bytes
+        self.nbytes = 0
+        self.members: List["OrtHandle"] = []
+        self.pending = 0                # swap-ins joining it right now (keeps it from being dropped)
+        self.warmup_error: Optional[str] = None
+
+
 class OrtHandle(Handle):
     def __init__(self, name: str) -> None:
         super().__init__(name, Tier.HOST)
@@ -89,34 +111,60 @@ class OrtHandle(Handle):
         self.weights_nbytes = 0                # bytes of the block in use: up to the end of the last weight
         self.block: Optional[HostBlock] = None          # the weights in host memory
         self.device_weights: Any = None                  # DeviceBuffer or SimulatedAllocation
-        self.session: Any = None                # weights mode: the long-lived session
+        self.session: Any = None                # session mode: the device session
+        self.group: Optional[_SessionGroup] = None       # weights mode: the shared session it uses
+        self.group_key = ""
+        self.new_group_bytes: Any = lambda: 0   # device bytes a swap-in adds if it must create the group's session
+        self.sample_inputs: Optional[List[Tuple[str, Any, List[int]]]] = None   # for the warm-up run
         self.host_session: Any = None           # a CPU session serving while on the host
         self.optimized = False                  # session mode: graph saved optimized; load with opts off
-        self.session_device_bytes = 0           # device memory the session itself took (measured)
+        self.session_device_bytes = 0           # session mode: device memory the session itself took (measured)
         self.files: Dict[str, Tuple[str, str]] = {}    # disk tier: kind -> (path, sha256)
         self.wrapper: Optional["OrtModel"] = None
         self.host_wrapper: Optional["OrtModel"] = None
         self.input_names: List[str] = []
         self.output_names: List[str] = []
         self.serve_on_host = False
-        self.runner: Any = None                 # the session's own thread on a GPU
+        self.runner: Any = None                 # session mode: the session's own thread on a GPU
         self.options: Dict[str, Any] = {}
         self.host_dir: Optional[str] = None     # session mode: model.onnx + weights file
         self.host_in_ram = True                 # host_dir is on tmpfs (counts as host memory)
         self.optimized_for_cpu = False
+
+    # accounting: a shared session's bytes are carried by its group's first member -------------
+    @property  # type: ignore[override]
+    def device_bytes(self) -> int:
+        return self._device_bytes + (self._group_bytes() if self.tier is Tier.DEVICE else 0)
+
+    @device_bytes.setter
+    def device_bytes(self, value: int) -> None:
+        self._device_bytes = value
+
+    def _group_bytes(self) -> int:
+        """The group's session bytes if this handle carries them (it is the group's owner)."""
+        group = self.group
+        if group is None or not group.members or group.members[0] is not self:
+            return 0
+        return group.nbytes
 
     def model_path(self) -> str:
         assert self.host_dir is not None
         return os.path.join(self.host_dir, "model.onnx")
 
     def estimated_device_bytes(self) -> int:
+        if self.mode == "weights":
+            return self.weights_nbytes + (self._group_bytes() if self.group is not None else self.new_group_bytes())
         return self.device_bytes or (self.weights_nbytes + self.session_device_bytes)
 
     def parked_device_bytes(self) -> int:
-        return self.session_device_bytes if self.mode == "weights" and self.session is not None else 0
+        return self._group_bytes() if self.tier is Tier.HOST else 0
+
+    def unpark_frees_bytes(self) -> int:
+        group = self.group
+        return group.nbytes if group is not None and group.members == [self] else 0
 
     def kept_after_eviction(self) -> int:
-        return self.parked_device_bytes()
+        return self._group_bytes()
 
     def estimated_host_bytes(self) -> int:
         if self.mode == "session":
@@ -124,8 +172,12 @@ class OrtHandle(Handle):
         return self.block.nbytes if self.block is not None else align(self.weights_nbytes)
 
     def details(self) -> Dict[str, Any]:
+        group = self.group
+        shared = {"session_group": self.group_key[:12], "session_shared_by": len(group.members) if group else 0,
+                  "session_device_bytes": group.nbytes if group else 0} if self.mode == "weights" else \
+            {"session_device_bytes": self.session_device_bytes}
         return {"mode": self.mode, "mode_reason": self.mode_reason, "weights": len(self.weights),
-                "weights_bytes": self.weights_nbytes, "session_device_bytes": self.session_device_bytes,
+                "weights_bytes": self.weights_nbytes, **shared,
                 "pinned": bool(self.block is not None and self.block.pinned),
                 "serves_on_host": self.host_session is not None, "optimized_graph": self.optimized}
 
@@ -156,16 +208,20 @@ class OrtModel:
 
     # InferenceSession look-alikes ------------------------------------------------------------
     def get_inputs(self) -> List[Any]:
+        self._alive()
         names = set(self._input_names)
         return [i for i in self._session.get_inputs() if i.name in names]
 
     def get_outputs(self) -> List[Any]:
+        self._alive()
         return self._session.get_outputs()
 
     def get_providers(self) -> List[str]:
+        self._alive()
         return self._session.get_providers()
 
     def get_modelmeta(self) -> Any:
+        self._alive()
         return self._session.get_modelmeta()
 
     def run(self, output_names: Optional[Sequence[str]], input_feed: Dict[str, Any],
@@ -231,6 +287,11 @@ class OrtModel:
         binding.bind_input(name, device[0], device[1], np.dtype(dtype), list(shape), device_pointer(array))
 
     # checks ------------------------------------------------------------------------------------
+    def retire(self) -> None:
+        """The lease is over and the model moved: refuse further use, let the session go."""
+        self.valid = False
+        self._session = None
+
     def _alive(self) -> None:
         if not self.valid:
             raise ModelCacheError("this model object was used after its lease ended and the model moved; "
@@ -248,6 +309,8 @@ class OrtModel:
                                   f"inputs are {self._input_names}", model=self.name)
 
     def __repr__(self) -> str:
+        if not self.valid:
+            return f"OrtModel({self.name!r}, retired)"
         return f"OrtModel({self.name!r}, providers={self.get_providers()})"
 
 
@@ -262,6 +325,10 @@ class OnnxRuntimeBackend(Backend):
         self.pool: HostPool = PinnedPool() if self.on_gpu else HostPool()
         self.streams = StreamPool()
         self._gate = _Gate()    # device allocations and runs (shared) vs a memory measurement (exclusive)
+        self._groups: Dict[str, _SessionGroup] = {}    # weights mode: shared sessions by graph key
+        self._groups_lock = threading.Lock()
+        self._session_bytes_seen = 0
+        self._sessions_created = 0
         self._scratch: Optional[str] = None
         self._shm: Optional[str] = None
         self._scratch_lock = threading.Lock()
@@ -294,8 +361,14 @@ class OnnxRuntimeBackend(Backend):
         initializers = {i.name for i in proto.graph.initializer}
         handle.input_names = [i.name for i in proto.graph.input if i.name not in initializers]
         handle.output_names = [o.name for o in proto.graph.output]
+        handle.sample_inputs = _sample_specs(proto, handle.input_names)
+        share = bool(options.get("share_session", True))
         try:
-            ext_graph, weights, block = self._externalize(name, proto, threshold)
+            # to share a session, models must not differ in constants: floating-point initializers
+            # from share_threshold bytes up (biases, norms) become inputs too; small integer ones
+            # (shapes, axes) stay in the graph and must match
+            small = int(options.get("share_threshold", 1024)) if share and mode != "session" else None
+            ext_graph, weights, block = self._externalize(name, proto, threshold, small)
             del proto
             handle.weights, handle.block = weights, block
             # the span the weights use in the block: offsets are aligned, so this is more than the
@@ -307,7 +380,7 @@ class OnnxRuntimeBackend(Backend):
                 handle.mode = "session"
                 handle.mode_reason = "requested" if mode == "session" else "no initializer above the threshold"
             else:
-                weights_graph = _as_inputs(_onnx().load_from_string(ext_graph), weights)
+                weights_graph = _as_inputs(_onnx().load_from_string(ext_graph), weights, generic=share)
                 reason = None
                 if options.get("verify", True) or mode == "auto":
                     reason, candidate = self._verify(name, ext_graph, weights_graph, handle, options)
@@ -322,6 +395,9 @@ class OnnxRuntimeBackend(Backend):
             handle.graph = ext_graph
             if handle.mode == "session":
                 self._write_host_files(handle)
+            else:
+                handle.group_key = _group_key(ext_graph, options, None if share else name)
+                handle.new_group_bytes = lambda: self._new_group_bytes(handle.group_key)
             serve = options.get("host_session")
             handle.serve_on_host = handle.mode == "weights" if serve is None else bool(serve)
             if handle.serve_on_host:   # nearly free in weights mode: the weights are on the host anyway
@@ -390,19 +466,23 @@ class OnnxRuntimeBackend(Backend):
         raise UnsupportedModelError(f"the onnxruntime backend takes a .onnx path, bytes, a ModelProto or an "
                                     f"InferenceSession, not {type(value).__name__}", model=name)
 
-    def _externalize(self, name: str, proto: Any, threshold: int) -> Tuple[bytes, List[Weight], Optional[HostBlock]]:
-        """Move initializers >= threshold bytes into one host block; the graph refers to them as
-        external data at their offsets in that block."""
+    def _externalize(self, name: str, proto: Any, threshold: int,
+                     float_threshold: Optional[int] = None) -> Tuple[bytes, List[Weight], Optional[HostBlock]]:
+        """Move initializers >= threshold bytes (floating-point ones >= ``float_threshold``) into
+        one host block; the graph refers to them as external data at their offsets in that block."""
         onnx = _onnx()
         from onnx import numpy_helper
-        big = []
+        floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+        sized = []
         for init in proto.graph.initializer:
             if init.data_location == onnx.TensorProto.EXTERNAL:
                 raise InvalidModelError(f"initializer {init.name!r} still refers to external data that "
                                         f"was not loaded", model=name)
-            nbytes = _tensor_nbytes(init)
-            if nbytes >= threshold:
-                big.append((init, nbytes))
+            sized.append((init, _tensor_nbytes(init)))
+        big = [(init, n) for init, n in sized if n >= threshold]
+        if big and float_threshold is not None:   # a model with weights: its small float ones join them
+            big = [(init, n) for init, n in sized
+                   if n >= threshold or (init.data_type in floats and n >= float_threshold)]
         weights: List[Weight] = []
         offset = 0
         for init, nbytes in big:
@@ -508,46 +588,154 @@ class OnnxRuntimeBackend(Backend):
     def _to_device_impl(self, handle: OrtHandle) -> None:
         if handle.mode == "weights":
             self._weights_to_device(handle)
+            handle.device_bytes = handle.weights_nbytes     # plus the group's session if it carries it
         else:
             self._session_to_device(handle)
-        handle.device_bytes = handle.weights_nbytes + handle.session_device_bytes
+            handle.device_bytes = handle.weights_nbytes + handle.session_device_bytes
 
     def _weights_to_device(self, handle: OrtHandle) -> None:
+        """Copy the weights into a device buffer, then join the handle's session group (creating
+        its session on the first swap-in of that architecture)."""
         assert handle.block is not None
         nbytes = handle.weights_nbytes
         if self.on_gpu:
-            if handle.session is None:      # once: the long-lived session, its memory measured
-                runner = self._runner(handle)
-                handle.session, handle.session_device_bytes = self._measured(
-                    lambda: runner.submit(self._session, handle.name, handle.graph, None, 0, cpu=False,
-                                          options=handle.options, weights_as_inputs=True).result())
             with self._gate.read():         # allocations never overlap a measurement
                 buffer = DeviceBuffer(nbytes, self.context.device)
             try:
                 stream = self.streams.get(self.context.device)
                 stream.copy_to_device(buffer.ptr, handle.block.ptr, nbytes)
                 stream.synchronize()
+                device: Optional[Tuple[str, int]] = ("cuda", self.context.device)
+                group = self._join_group(handle, device, buffer.ptr)
             except BaseException:
                 with self._gate.read():
                     buffer.free()
                 raise
             handle.device_weights = buffer
             base: Any = buffer.ptr
-            device: Optional[Tuple[str, int]] = ("cuda", self.context.device)
             run_options = self._run_options(handle.options)
         else:
             allocation = self.context.monitor.allocate(nbytes, owner=handle.name)  # type: ignore[attr-defined]
             try:
-                if handle.session is None:
-                    handle.session = self._session(handle.name, handle.graph, None, 0, cpu=True,
-                                                   options=handle.options, weights_as_inputs=True)
+                group = self._join_group(handle, None, handle.block)
             except BaseException:
                 allocation.free()
                 raise
             handle.device_weights = allocation
             base, device, run_options = handle.block, None, None
-        handle.wrapper = OrtModel(handle.name, handle.session, handle.weights, device, base, handle.input_names,
-                                  handle.output_names, run_options, self._runner(handle), self._gate)
+        handle.wrapper = OrtModel(handle.name, group.session, handle.weights, device, base, handle.input_names,
+                                  handle.output_names, run_options, group.runner, self._gate)
+
+    # session groups -------------------------------------------------------------------------
+    def _new_group_bytes(self, key: str) -> int:
+        """Device bytes a swap-in adds by creating its group's session: 0 if the session exists,
+        else the largest session measured so far (the simulated figure off the GPU)."""
+        group = self._groups.get(key)
+        if group is not None and group.session is not None:
+            return 0
+        return self._session_bytes_seen
+
+    def _join_group(self, handle: OrtHandle, device: Optional[Tuple[str, int]], base: Any) -> _SessionGroup:
+        """The handle's session group, its session created (and measured) if this is the group's
+        first swap-in; concurrent swap-ins of one group create it once."""
+        with self._groups_lock:
+            group = handle.group or self._groups.get(handle.group_key)
+            if group is None:
+                group = self._groups[handle.group_key] = _SessionGroup(handle.group_key)
+            group.pending += 1
+        try:
+            with group.lock:
+                if group.session is None:
+                    self._create_group_session(group, handle, device, base)
+                with self._groups_lock:
+                    if handle.group is not group:
+                        group.members.append(handle)
+                        handle.group = group
+            return group
+        finally:
+            with self._groups_lock:
+                group.pending -= 1
+                self._drop_if_unused(group)
+
+    def _create_group_session(self, group: _SessionGroup, handle: OrtHandle, device: Optional[Tuple[str, int]],
+                              base: Any) -> None:
+        """Create the group's session and run it once on ``handle``'s weights (so the run-time
+        handles and workspaces exist); measure the device memory both took."""
+        def create() -> Any:
+            session = self._session(handle.name, handle.graph, None, 0, cpu=not self.on_gpu,
+                                    options=handle.options, weights_as_inputs=True)
+            group.warmup_error = None
+            if handle.sample_inputs is not None:
+                feed = {name: np.zeros(shape, dtype) for name, dtype, shape in handle.sample_inputs}
+                try:   # the caller is the session's runner: the model runs here, not through it
+                    OrtModel(handle.name, session, handle.weights, device, base, handle.input_names,
+                             handle.output_names).run(None, feed)
+                except Exception as exc:    # e.g. a symbolic dimension that 1 does not suit
+                    group.warmup_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            return session
+
+        if self.on_gpu:
+            from concurrent.futures import ThreadPoolExecutor
+            runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"modelcache-ort-{handle.name}"[:40])
+            try:
+                session, nbytes = self._measured(lambda: runner.submit(create).result())
+            except BaseException:
+                runner.shutdown(wait=False)
+                raise
+            group.session, group.runner, group.nbytes = session, runner, nbytes
+        else:
+            session_bytes = int(getattr(self.context.monitor, "session_overhead_bytes", 0))
+            allocation = self.context.monitor.allocate(session_bytes, owner=handle.name)  # type: ignore[attr-defined]
+            try:
+                group.session = create()
+            except BaseException:
+                allocation.free()
+                raise
+            group.allocation, group.nbytes = allocation, session_bytes
+        with self._groups_lock:
+            self._session_bytes_seen = max(self._session_bytes_seen, group.nbytes)
+            self._sessions_created += 1
+
+    def _leave_group(self, handle: OrtHandle) -> None:
+        """The handle stops using its group's session (unparked, demoted or released); the session
+        goes with its last member. The next member in line carries its bytes."""
+        with self._groups_lock:
+            group, handle.group = handle.group, None
+            if group is None:
+                return
+            if handle in group.members:
+                group.members.remove(handle)
+            self._drop_if_unused(group)
+
+    def _drop_if_unused(self, group: _SessionGroup) -> None:
+        """Groups lock held: forget a group nobody uses or joins, and free its session on its own
+        thread (where ONNX Runtime keeps the thread's CUDA handles), then end that thread."""
+        if group.members or group.pending or self._groups.get(group.key) is not group:
+            return
+        del self._groups[group.key]
+        box = [group.session]
+        group.session = None
+        runner, group.runner = group.runner, None
+        if group.allocation is not None:
+            group.allocation.free()
+            group.allocation = None
+        if runner is not None:
+            runner.submit(self._free_on_runner, box)
+            runner.shutdown(wait=False)
+        else:
+            box.clear()
+
+    def _free_on_runner(self, box: List[Any]) -> None:
+        with self._gate.read():   # frees never overlap a measurement
+            box.clear()
+
+    def stats(self) -> Dict[str, Any]:
+        with self._groups_lock:
+            groups = list(self._groups.values())
+            return {"sessions": sum(1 for g in groups if g.session is not None),
+                    "sessions.bytes": sum(g.nbytes for g in groups if g.session is not None),
+                    "sessions.created": self._sessions_created,
+                    "sessions.models": sum(len(g.members) for g in groups)}
 
     def _session_to_device(self, handle: OrtHandle) -> None:
         """A session on the device from the host files; the first one saves an optimized graph
@@ -660,7 +848,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _to_host_impl(self, handle: OrtHandle) -> None:
         if handle.wrapper is not None:
-            handle.wrapper.valid = False
+            handle.wrapper.retire()
             handle.wrapper = None
         if handle.mode == "session":
             handle.session = None              # the last reference: its device memory goes now
@@ -691,6 +879,7 @@ class OnnxRuntimeBackend(Backend):
         handle.files, handle.disk_path = files, graph_path
         self._drop_host_session(handle)
         handle.session = None      # below the host tier nothing stays on the device (re-created on return)
+        self._leave_group(handle)
         handle.graph = b""
         if handle.block is not None:
             self.pool.put(handle.block)
@@ -729,26 +918,27 @@ class OnnxRuntimeBackend(Backend):
             handle.host_dir = None
 
     def _unpark_impl(self, handle: OrtHandle) -> None:
-        """Drop the session kept on the device for fast swap-ins; the next swap-in creates it again."""
+        """Leave the session group kept on the device for fast swap-ins (its session goes with its
+        last member); the next swap-in joins or creates it again."""
         if handle.wrapper is not None:
-            handle.wrapper.valid = False
+            handle.wrapper.retire()
             handle.wrapper = None
-        with self._gate.write() if self.on_gpu else contextlib.nullcontext():
-            handle.session = None
+        self._leave_group(handle)
 
     def _drop_host_session(self, handle: OrtHandle) -> None:
         if handle.host_wrapper is not None:
-            handle.host_wrapper.valid = False
+            handle.host_wrapper.retire()
         handle.host_session = handle.host_wrapper = None
 
     def _release_impl(self, handle: OrtHandle) -> None:
         try:
             if handle.wrapper is not None:
-                handle.wrapper.valid = False
+                handle.wrapper.retire()
             if handle.device_weights is not None:
                 handle.device_weights.free()
             handle.device_weights = None
             handle.session = handle.wrapper = None
+            self._leave_group(handle)
             self._drop_host_session(handle)
             if handle.block is not None:
                 self.pool.put(handle.block)
@@ -870,8 +1060,11 @@ def _tensor_nbytes(init: Any) -> int:
     return count * itemsize
 
 
-def _as_inputs(proto: Any, weights: Sequence[Weight]) -> bytes:
-    """The graph with the given initializers turned into graph inputs."""
+def _as_inputs(proto: Any, weights: Sequence[Weight], generic: bool = False) -> bytes:
+    """The graph with the given initializers turned into graph inputs. With ``generic``, also
+    without what differs between models of one architecture: every dimension of the graph's
+    inputs and outputs becomes symbolic, and the graph's name, doc strings and intermediate
+    shapes go, so such models serialize to the same bytes and can share one session."""
     onnx = _onnx()
     names = {w.name for w in weights}
     kept = [init for init in proto.graph.initializer if init.name not in names]
@@ -883,7 +1076,53 @@ def _as_inputs(proto: Any, weights: Sequence[Weight]) -> bytes:
             continue
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(w.dtype))
         proto.graph.input.append(onnx.helper.make_tensor_value_info(w.name, elem, list(w.shape)))
+    if generic:
+        graph = proto.graph
+        for value in list(graph.input) + list(graph.output):
+            value.doc_string = ""
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                    dim.Clear()
+                    dim.dim_param = f"{value.name}:{axis}"
+        del graph.value_info[:]
+        graph.name, graph.doc_string, proto.doc_string = "modelcache", "", ""
+        for node in graph.node:
+            node.doc_string = ""
     return proto.SerializeToString()
+
+
+def _group_key(graph: bytes, options: Dict[str, Any], name: Optional[str]) -> str:
+    """Models with the same key can share a session: same rewritten graph, same session options
+    (``name`` set: a group of its own)."""
+    import hashlib
+    import json
+    digest = hashlib.sha256(graph)
+    settings = {k: options.get(k) for k in ("provider_options", "session_options", "shared_arena")}
+    digest.update(json.dumps(settings, sort_keys=True, default=repr).encode())
+    if name is not None:
+        digest.update(b"\0" + name.encode())
+    return digest.hexdigest()
+
+
+def _sample_specs(proto: Any, names: Sequence[str]) -> Optional[List[Tuple[str, Any, List[int]]]]:
+    """(name, dtype, shape) of each input for a warm-up run (symbolic dimensions become 1), or
+    None if an input's type cannot be sampled."""
+    onnx = _onnx()
+    wanted = set(names)
+    specs = []
+    for value in proto.graph.input:
+        if value.name not in wanted:
+            continue
+        tensor = value.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        except Exception:
+            return None
+        if dtype.kind not in "fiub":
+            return None
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor.shape.dim]
+        specs.append((value.name, dtype, shape))
+    return specs
 
 
 _ORT_DTYPES = {

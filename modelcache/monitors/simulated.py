@@ -38,8 +38,12 @@ class SimulatedDevice(DeviceMonitor):
 
     simulated = True
 
-    def __init__(self, total: Size = "16GiB", *, device: int = 0, name: str = "SimulatedDevice") -> None:
+    def __init__(self, total: Size = "16GiB", *, device: int = 0, name: str = "SimulatedDevice",
+                 session_overhead: Size = 0) -> None:
         self._total = parse_size(total, what="SimulatedDevice total")
+        #: device bytes a runtime session costs besides its weights (ONNX Runtime's CUDA provider:
+        #: about 200 MiB on an H100); backends allocate it for each device session they create
+        self.session_overhead_bytes = parse_size(session_overhead, what="session_overhead")
         self.device = device
         self.name = name
         self._lock = threading.Lock()
