@@ -10,6 +10,10 @@ Contenders:
 - ``naive``: the seed's recipe: load the requested model on a miss and unload the rest.
 - ``belady``: the offline optimum hit rate of the trace (furthest-in-future by bytes), computed.
 
+A request is a hit, for every contender, when its model was on the device when it arrived: a
+request that waits for a load in flight (someone else's) is a miss. (Belady replays the trace
+one request at a time, so it never waits: its figure is an upper bound.)
+
 On a machine without a GPU the device is simulated: the baselines' sessions run on the CPU and
 allocate their weights' bytes on a :class:`SimulatedDevice` of ``device_total`` bytes, so peak
 memory and out-of-memory failures are measured the same way for everyone.
@@ -292,18 +296,17 @@ class LruCountContender(_SessionContender):
         self.loading: Dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 
     def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
-        hit = True
         with self._lock:
             entry = self.sessions.get(spec.name)
             if entry is not None:
                 self.sessions.move_to_end(spec.name)
             load_lock = self.loading[spec.name]
+        hit = entry is not None      # a hit: resident on arrival (waiting for a load is a miss)
         if entry is None:
             with load_lock:          # one load per model id at a time, as Ray Serve does
                 with self._lock:
                     entry = self.sessions.get(spec.name)
                 if entry is None:
-                    hit = False
                     entry = self._create(spec)
                     evicted = []
                     with self._lock:
@@ -330,9 +333,11 @@ class NaiveContender(_SessionContender):
         self._serve_lock = threading.Lock()
 
     def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
+        current = self.current
+        resident = current is not None and current[0] == spec.name   # on arrival
         with self._serve_lock:
-            hit = self.current is not None and self.current[0] == spec.name
-            if not hit:
+            hit = resident and self.current is current
+            if not (self.current is not None and self.current[0] == spec.name):
                 if self.current is not None:
                     _, _, allocation = self.current
                     self.current = None          # drop the session: its device memory goes

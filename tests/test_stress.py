@@ -89,3 +89,36 @@ def test_status_and_bench(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "weights" in out and "session" in out and "swap-in ms" in out
     assert cli_main(["bench", str(tmp_path / "missing.onnx"), "--simulate"]) == 1
+
+
+@pytest.mark.parametrize("kind", ["lru-count", "naive"])
+def test_baselines_count_waiting_for_a_load_as_a_miss(monkeypatch, kind):
+    """Two requests arrive while the model is not loaded: both are misses, though the second only
+    waits for the first one's load; a later request is a hit. modelcache counts the same way."""
+    import threading
+    import time
+    import numpy as np
+
+    device = mc.SimulatedDevice("1GiB")
+    contender = stress.LruCountContender(2, device) if kind == "lru-count" else stress.NaiveContender(device)
+
+    class FakeSession:
+        def run(self, names, feed):
+            return [feed["x"]]
+
+    def create(spec):
+        time.sleep(0.3)
+        return FakeSession(), None
+
+    monkeypatch.setattr(contender, "_create", create)
+    x = np.ones((1, 4), np.float32)
+    spec = stress.ModelSpec("a", "unused.onnx", 16, x, x)
+    hits = []
+    threads = [threading.Thread(target=lambda: hits.append(contender.serve(spec)[1])) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert hits == [False, False]
+    assert contender.serve(spec)[1] is True
