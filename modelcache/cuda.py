@@ -150,20 +150,60 @@ class PinnedPool(HostPool):
         check(runtime().cudaFreeHost(block.ptr), "cudaFreeHost")
 
 
+_pools_supported: Dict[int, bool] = {}
+
+
+def stream_ordered(device: int) -> bool:
+    """Whether buffers on ``device`` come from the stream-ordered allocator (``cudaMallocAsync``
+    on the device's default pool). Its frees do not synchronize the device, so an eviction
+    does not wait for other models' copies and runs in flight; with the pool's default release
+    threshold (0) the memory goes back to the driver at the stream's next synchronize, where
+    NVML sees it. Off with ``MODELCACHE_STREAM_ORDERED_ALLOC=0`` or where pools are unsupported."""
+    import os
+    if os.environ.get("MODELCACHE_STREAM_ORDERED_ALLOC", "1") == "0":
+        return False
+    if device not in _pools_supported:
+        rt = runtime()
+        try:
+            value = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrMemoryPoolsSupported, device),
+                          "cudaDeviceGetAttribute(MemoryPoolsSupported)")
+            _pools_supported[device] = bool(value) and hasattr(rt, "cudaMallocAsync")
+        except (ModelCacheError, AttributeError):
+            _pools_supported[device] = False
+    return _pools_supported[device]
+
+
 class DeviceBuffer:
-    """``nbytes`` of device memory from ``cudaMalloc``; :meth:`free` is idempotent."""
+    """``nbytes`` of device memory; :meth:`free` is idempotent. With a ``stream`` (and pools
+    supported, see :func:`stream_ordered`) it is allocated and freed in that stream's order,
+    else with ``cudaMalloc``/``cudaFree`` (which synchronizes the device)."""
 
-    __slots__ = ("ptr", "nbytes", "device")
+    __slots__ = ("ptr", "nbytes", "device", "ordered")
 
-    def __init__(self, nbytes: int, device: int) -> None:
+    def __init__(self, nbytes: int, device: int, stream: Optional["Stream"] = None) -> None:
         set_device(device)
-        self.ptr = _ptr(check(runtime().cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes})", nbytes))
+        rt = runtime()
+        self.ordered = stream is not None and stream_ordered(device)
+        if self.ordered:
+            assert stream is not None
+            self.ptr = _ptr(check(rt.cudaMallocAsync(max(nbytes, 1), stream.handle),
+                                  f"cudaMallocAsync({nbytes})", nbytes))
+        else:
+            self.ptr = _ptr(check(rt.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes})", nbytes))
         self.nbytes, self.device = nbytes, device
 
-    def free(self) -> None:
+    def free(self, stream: Optional["Stream"] = None) -> None:
+        """Free the buffer; its contents must no longer be in use by any stream. With a
+        ``stream``, a stream-ordered buffer is freed in that stream's order and the stream is
+        synchronized (the memory is back with the driver on return)."""
         if self.ptr:
             ptr, self.ptr = self.ptr, 0
-            check(runtime().cudaFree(ptr), "cudaFree")
+            rt = runtime()
+            if self.ordered and stream is not None:
+                check(rt.cudaFreeAsync(ptr, stream.handle), "cudaFreeAsync")
+                stream.synchronize()
+            else:
+                check(rt.cudaFree(ptr), "cudaFree")
 
 
 class Stream:

@@ -131,3 +131,40 @@ def test_device_fast_path_with_torch_arrays(big_model):
             model.run_with_iobinding(binding)
             out = binding.get_outputs()[0].numpy()
         np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_one_architecture_shares_one_session_and_nvml_agrees(tmp_path, cuda_ort):
+    """Four MLPs of one topology and different sizes: one CUDA session, every output right, and
+    the accounted bytes (weights + the session's measured bytes, once) match NVML's growth."""
+    models = {}
+    for k, hidden in enumerate((1024, 1536, 2048, 3072)):
+        path = save_model(make_mlp(hidden, 4, seed=k, batch=1), str(tmp_path / f"m{k}.onnx"), external_data=True)
+        x = np.random.default_rng(k).standard_normal((1, hidden)).astype(np.float32)
+        plain = cuda_ort.InferenceSession(path, providers=["CUDAExecutionProvider"])
+        models[f"m{k}"] = (path, x, plain.run(None, {"x": x})[0])
+        del plain
+    cache = mc.ModelCache(device=0, device_budget="8GiB", reserve="1GiB", watch_interval=None)
+    try:
+        for name, (path, _, _) in models.items():
+            cache.register(name, path)
+            cache.prefetch(name, tier=mc.Tier.HOST).result()
+        monitor = cache.monitor
+        before = monitor.process_bytes()
+        for _ in range(3):
+            for name, (_, x, ref) in models.items():
+                with cache.use(name) as model:
+                    np.testing.assert_allclose(model.run(None, {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
+        grown = monitor.process_bytes() - before
+        stats = cache.stats()
+        shared_by = [cache.info(n).details["session_shared_by"] for n in models]
+        record("ort_shared_session", {"models": len(models), "process_growth_bytes": grown,
+                                      "accounted_bytes": stats["device.accounted_bytes"],
+                                      "session_bytes": stats["onnxruntime.sessions.bytes"],
+                                      "sessions": stats["onnxruntime.sessions"], "shared_by": shared_by})
+        assert stats["onnxruntime.sessions"] == 1 and shared_by == [4, 4, 4, 4]
+        assert abs(grown - stats["device.accounted_bytes"]) <= 64 * MiB
+        for name in models:
+            cache.evict(name)
+        assert abs((monitor.process_bytes() - before) - cache.stats()["device.accounted_bytes"]) <= 64 * MiB
+    finally:
+        cache.close()

@@ -599,17 +599,17 @@ class OnnxRuntimeBackend(Backend):
         assert handle.block is not None
         nbytes = handle.weights_nbytes
         if self.on_gpu:
+            stream = self.streams.get(self.context.device)
             with self._gate.read():         # allocations never overlap a measurement
-                buffer = DeviceBuffer(nbytes, self.context.device)
+                buffer = DeviceBuffer(nbytes, self.context.device, stream)
             try:
-                stream = self.streams.get(self.context.device)
                 stream.copy_to_device(buffer.ptr, handle.block.ptr, nbytes)
                 stream.synchronize()
                 device: Optional[Tuple[str, int]] = ("cuda", self.context.device)
                 group = self._join_group(handle, device, buffer.ptr)
             except BaseException:
                 with self._gate.read():
-                    buffer.free()
+                    buffer.free(stream)
                 raise
             handle.device_weights = buffer
             base: Any = buffer.ptr
@@ -853,8 +853,8 @@ class OnnxRuntimeBackend(Backend):
         if handle.mode == "session":
             handle.session = None              # the last reference: its device memory goes now
         if isinstance(handle.device_weights, DeviceBuffer):
-            with self._gate.read():
-                handle.device_weights.free()
+            with self._gate.read():   # no lease, so no run uses the weights: free in this thread's stream order
+                handle.device_weights.free(self.streams.get(self.context.device))
         elif handle.device_weights is not None:
             handle.device_weights.free()
         handle.device_weights = None
