@@ -34,6 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     stress.add_argument("--policies", default="lru,lfu,cost")
     stress.add_argument("--baselines", default="lru-count,naive")
     stress.add_argument("--baseline-requests", type=int, help="serve only this prefix of the trace for baselines")
+    stress.add_argument("--naive-requests", type=int, help="a shorter prefix for naive (default: --baseline-requests)")
     stress.add_argument("--simulate", action="store_true")
     stress.add_argument("--device-total", help="simulated device size (default 4 x budget)")
     stress.add_argument("--models-dir", help="where generated models are kept (reused across runs)")
@@ -88,7 +89,8 @@ def _stress(args: argparse.Namespace) -> int:
                           requests=args.requests, threads=args.threads, budget=args.budget, reserve=args.reserve,
                           policies=[p for p in args.policies.split(",") if p],
                           baselines=[b for b in args.baselines.split(",") if b],
-                          baseline_requests=args.baseline_requests, simulate=args.simulate,
+                          baseline_requests=args.baseline_requests, naive_requests=args.naive_requests,
+                          simulate=args.simulate,
                           device_total=args.device_total, models_dir=args.models_dir, seed=args.seed,
                           progress=not args.no_progress)
     report = run_stress(config)

@@ -26,6 +26,9 @@ def table(report: Dict[str, Any]) -> List[str]:
     if prefix:
         rows.append(f"hit@base: hit rate on the first {report['baseline_requests']} requests, the part of the "
                     f"trace the baselines served")
+        for name, c in report["contenders"].items():
+            if c["requests"] < report["baseline_requests"]:
+                rows.append(f"  {name} served only the first {c['requests']} (its hit@base is on those)")
     rows.append("swap-in: median ms per model load onto the device (modelcache: backend swap-in; baselines: "
                 "session creation)")
     for name, c in report["contenders"].items():

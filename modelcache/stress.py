@@ -67,6 +67,7 @@ class StressConfig:
     policies: Sequence[str] = ("lru", "lfu", "cost")
     baselines: Sequence[str] = ("lru-count", "naive")
     baseline_requests: Optional[int] = None   #: serve only a prefix of the trace for the baselines
+    naive_requests: Optional[int] = None      #: a shorter prefix for naive (default: baseline_requests)
     simulate: bool = False
     device_total: Optional[Size] = None       #: simulated device size (default 4 x budget)
     models_dir: Optional[str] = None
@@ -127,6 +128,7 @@ def generate_models(folder: str, count: int, min_bytes: int, max_bytes: int, lay
     rng = np.random.default_rng(seed)
     lo, hi = math.log(max(min_bytes, 4096)), math.log(max(max_bytes, min_bytes, 4096))
     specs = []
+    pool: Optional[np.ndarray] = None   # random floats; each weight matrix is a slice at a random offset
     for k in range(count):
         target = math.exp(rng.uniform(lo, hi)) if hi > lo else math.exp(lo)
         hidden = max(16, int(round(math.sqrt(target / 4 / layers) / 16)) * 16)
@@ -136,14 +138,18 @@ def generate_models(folder: str, count: int, min_bytes: int, max_bytes: int, lay
         x = rng.standard_normal((1, hidden)).astype(np.float32)
         if not (os.path.exists(path) and os.path.exists(ref_path)):
             mrng = np.random.default_rng([seed, k])
+            if pool is None or pool.size < 2 * hidden * hidden:
+                pool = np.random.default_rng([seed, 1 << 20]).standard_normal(
+                    max(2 * hidden * hidden, 1 << 26), dtype=np.float32)
+                pool *= np.float32(1.7 / 64)      # ~ 1.7 / sqrt(hidden) at hidden 4096: outputs stay moderate
             data_name = os.path.basename(path) + ".data"
             h = x.copy()
             inits, nodes, current = [], [], "x"
             nbytes = hidden * hidden * 4
             with open(path + ".data.tmp", "wb") as f:
                 for i in range(layers):
-                    w = mrng.standard_normal((hidden, hidden), dtype=np.float32)
-                    w *= np.float32(1.7 / math.sqrt(hidden))
+                    offset = int(mrng.integers(0, pool.size - hidden * hidden + 1))
+                    w = pool[offset:offset + hidden * hidden].reshape(hidden, hidden)
                     h = h @ w
                     if i < layers - 1:
                         h = np.maximum(h, 0)
@@ -566,8 +572,9 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
             contender = NaiveContender(monitor())
         else:
             raise ConfigError(f"baseline {baseline!r} is unknown; use lru-count or naive")
+        served = trace[:config.naive_requests] if baseline == "naive" and config.naive_requests else base_trace
         try:
-            results[contender.name] = run_contender(contender, base_trace, by_name, config.threads, progress)
+            results[contender.name] = run_contender(contender, served, by_name, config.threads, progress)
             finished(results[contender.name])
         finally:
             contender.close()

@@ -368,3 +368,26 @@ def test_group_session_created_once_under_concurrent_swap_ins(tmp_path):
         assert not errors
         assert cache.stats()["onnxruntime.sessions.created"] == 1
         assert device.process_bytes() == cache.stats()["device.accounted_bytes"]
+
+
+def test_external_data_outside_the_model_folder_or_too_short_is_refused(cache, tmp_path):
+    """Weights in external-data files are read straight into the host block: a location that
+    leaves the model's folder, or a file shorter than the weights, is a typed error."""
+    proto = make_mlp(HIDDEN, 2, seed=3)
+    path = save_model(proto, str(tmp_path / "m" / "m.onnx"), external_data=True)
+    escaped = onnx.load(path, load_external_data=False)
+    for init in escaped.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere.data"
+    onnx.save_model(escaped, str(tmp_path / "m" / "escaped.onnx"))
+    with open(path + ".data", "r+b") as f:
+        f.truncate(HIDDEN * HIDDEN * 4 // 2)
+    for name, file in (("escaped", "escaped.onnx"), ("short", "m.onnx")):
+        cache.register(name, str(tmp_path / "m" / file))
+        with pytest.raises(InvalidModelError, match=name):
+            with cache.use(name):
+                pass
+    cache.register("fine", save_model(make_mlp(HIDDEN, 2, seed=4), str(tmp_path / "f.onnx"), external_data=True))
+    with cache.use("fine") as model:
+        assert model.run(None, {"x": X})[0].shape == (3, HIDDEN)

@@ -355,7 +355,7 @@ class OnnxRuntimeBackend(Backend):
         if mode not in ("auto", "weights", "session"):
             raise ConfigError(f"mode={mode!r}; use 'auto', 'weights' or 'session'", model=name)
         threshold = int(options.get("weights_threshold", MiB))
-        proto = self._to_proto(name, value)
+        proto, base_dir = self._to_proto(name, value)
         handle = OrtHandle(name)
         handle.options = dict(options)
         initializers = {i.name for i in proto.graph.initializer}
@@ -368,7 +368,7 @@ class OnnxRuntimeBackend(Backend):
             # from share_threshold bytes up (biases, norms) become inputs too; small integer ones
             # (shapes, axes) stay in the graph and must match
             small = int(options.get("share_threshold", 1024)) if share and mode != "session" else None
-            ext_graph, weights, block = self._externalize(name, proto, threshold, small)
+            ext_graph, weights, block = self._externalize(name, proto, threshold, small, base_dir)
             del proto
             handle.weights, handle.block = weights, block
             # the span the weights use in the block: offsets are aligned, so this is more than the
@@ -437,7 +437,9 @@ class OnnxRuntimeBackend(Backend):
             handle.block = None
         handle.host_bytes = handle.weights_nbytes if handle.host_in_ram else 0
 
-    def _to_proto(self, name: str, value: Any) -> Any:
+    def _to_proto(self, name: str, value: Any) -> Tuple[Any, Optional[str]]:
+        """The model as a ModelProto, and the folder its external data lives in (a path's: that
+        data is read later, straight into the host block, not through the proto)."""
         onnx = _onnx()
         if type(value).__name__ == "InferenceSession":
             path, data = getattr(value, "_model_path", None), getattr(value, "_model_bytes", None)
@@ -450,13 +452,13 @@ class OnnxRuntimeBackend(Backend):
                 path = os.fspath(value)
                 if not os.path.exists(path):
                     raise InvalidModelError(f"no ONNX file at {path}", model=name)
-                return onnx.load(path, load_external_data=True)
+                return onnx.load(path, load_external_data=False), os.path.dirname(os.path.abspath(path))
             if isinstance(value, (bytes, bytearray, memoryview)):
-                return onnx.load_from_string(bytes(value))
+                return onnx.load_from_string(bytes(value)), None
             if type(value).__name__ == "ModelProto":
                 copy = onnx.ModelProto()      # the weights are moved out: never touch the caller's proto
                 copy.CopyFrom(value)
-                return copy
+                return copy, None
         except InvalidModelError:
             raise
         except FileNotFoundError as exc:
@@ -466,16 +468,18 @@ class OnnxRuntimeBackend(Backend):
         raise UnsupportedModelError(f"the onnxruntime backend takes a .onnx path, bytes, a ModelProto or an "
                                     f"InferenceSession, not {type(value).__name__}", model=name)
 
-    def _externalize(self, name: str, proto: Any, threshold: int,
-                     float_threshold: Optional[int] = None) -> Tuple[bytes, List[Weight], Optional[HostBlock]]:
+    def _externalize(self, name: str, proto: Any, threshold: int, float_threshold: Optional[int] = None,
+                     base_dir: Optional[str] = None) -> Tuple[bytes, List[Weight], Optional[HostBlock]]:
         """Move initializers >= threshold bytes (floating-point ones >= ``float_threshold``) into
-        one host block; the graph refers to them as external data at their offsets in that block."""
+        one host block; the graph refers to them as external data at their offsets in that block.
+        Initializers in external-data files (under ``base_dir``) are read straight into the block;
+        smaller ones that stay in the graph are loaded into it."""
         onnx = _onnx()
         from onnx import numpy_helper
         floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
         sized = []
         for init in proto.graph.initializer:
-            if init.data_location == onnx.TensorProto.EXTERNAL:
+            if init.data_location == onnx.TensorProto.EXTERNAL and base_dir is None:
                 raise InvalidModelError(f"initializer {init.name!r} still refers to external data that "
                                         f"was not loaded", model=name)
             sized.append((init, _tensor_nbytes(init)))
@@ -489,12 +493,20 @@ class OnnxRuntimeBackend(Backend):
             dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
             weights.append(Weight(init.name, np.dtype(dtype).str, tuple(int(d) for d in init.dims), offset, nbytes))
             offset = align(offset + nbytes)
+        moved = {id(init) for init, _ in big}
+        for init, _ in sized:     # external data that stays in the graph: into the proto
+            if init.data_location == onnx.TensorProto.EXTERNAL and id(init) not in moved:
+                _load_external(name, init, base_dir)
         block = self.pool.get(offset) if weights else None
         try:
             for (init, nbytes), w in zip(big, weights):
-                array = numpy_helper.to_array(init)
-                assert block is not None and array.nbytes == nbytes
-                block.array[w.offset:w.offset + nbytes] = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+                assert block is not None
+                if init.data_location == onnx.TensorProto.EXTERNAL:
+                    _read_external(name, init, base_dir, block.array[w.offset:w.offset + nbytes])
+                else:
+                    array = numpy_helper.to_array(init)
+                    assert array.nbytes == nbytes
+                    block.array[w.offset:w.offset + nbytes] = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
                 init.ClearField("raw_data")
                 for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
                     init.ClearField(field)
@@ -1044,6 +1056,53 @@ class _Gate:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
+
+
+def _external_entry(name: str, init: Any, base_dir: Optional[str]) -> Tuple[str, int, Optional[int]]:
+    """(file path, offset, length) of an initializer's external data, checked to lie in base_dir."""
+    info = {e.key: e.value for e in init.external_data}
+    location = info.get("location", "")
+    root = os.path.realpath(base_dir or ".")
+    path = os.path.realpath(os.path.join(root, location))
+    if not location or os.path.isabs(location) or not (path == root or path.startswith(root + os.sep)):
+        raise InvalidModelError(f"initializer {init.name!r}: external data location {location!r} is not a "
+                                f"file beside the model", model=name)
+    if not os.path.isfile(path):
+        raise InvalidModelError(f"external data is missing: initializer {init.name!r} refers to {path}, "
+                                f"which does not exist", model=name)
+    length = info.get("length")
+    return path, int(info.get("offset", 0) or 0), int(length) if length else None
+
+
+def _read_external(name: str, init: Any, base_dir: Optional[str], out: np.ndarray) -> None:
+    """Read an initializer's external data straight into ``out`` (uint8, its exact size)."""
+    path, offset, length = _external_entry(name, init, base_dir)
+    if length is not None and length != out.nbytes:
+        raise InvalidModelError(f"initializer {init.name!r}: external data length {length} B, but its shape "
+                                f"and type need {out.nbytes} B", model=name)
+    view = memoryview(out)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        got = 0
+        while got < out.nbytes:
+            n = f.readinto(view[got:got + 64 * MiB])
+            if not n:
+                break
+            got += n
+    if got != out.nbytes:
+        raise InvalidModelError(f"initializer {init.name!r}: {path} ends after {got} of {out.nbytes} B "
+                                f"(offset {offset})", model=name)
+
+
+def _load_external(name: str, init: Any, base_dir: Optional[str]) -> None:
+    """Load a (small) initializer's external data into the proto itself."""
+    onnx = _onnx()
+    nbytes = _tensor_nbytes(init)
+    data = np.empty(nbytes, dtype=np.uint8)
+    _read_external(name, init, base_dir, data)
+    init.raw_data = data.tobytes()
+    init.data_location = onnx.TensorProto.DEFAULT
+    del init.external_data[:]
 
 
 def _looks_like_onnx(head: bytes) -> bool:
