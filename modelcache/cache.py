@@ -189,14 +189,22 @@ class ModelCache:
             pass ``SimulatedDevice(total)``.
         watch_interval: seconds between background pressure checks; 0 or None disables the watcher.
         prefetch_workers: threads serving :meth:`prefetch`.
+        max_swap_ins: most host->device moves in flight at once (None: no limit). Concurrent
+            copies share one PCIe link, so when the link is saturated a limit does not slow the
+            moves down in total, but it keeps fewer rooms reserved for moves in flight: more
+            models stay resident. Requests beyond it wait for a slot (counted in ``waits.room``).
     """
 
     def __init__(self, device: Optional[int] = None, device_budget: Optional[Size] = None,
                  reserve: Size = "512MiB", host_budget: Optional[Size] = None,
                  disk_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
                  policy: Union[str, Policy] = "lru", monitor: Optional[DeviceMonitor] = None, *,
-                 watch_interval: Optional[float] = 0.5, prefetch_workers: int = 2) -> None:
+                 watch_interval: Optional[float] = 0.5, prefetch_workers: int = 2,
+                 max_swap_ins: Optional[int] = None) -> None:
         self.policy = make_policy(policy)
+        if max_swap_ins is not None and (not isinstance(max_swap_ins, int) or max_swap_ins < 1):
+            raise ConfigError(f"max_swap_ins={max_swap_ins!r}; use an int >= 1, or None for no limit")
+        self.max_swap_ins = max_swap_ins
         self._owns_monitor = monitor is None
         if monitor is None:
             try:
@@ -426,7 +434,10 @@ class ModelCache:
         and return None. Raises ModelTooLargeError / DeviceBusyError."""
         need = entry.need() or 0
         self._check_fits(entry.name, need)
-        victims = self._choose_victims(need, exclude=entry)
+        if self.max_swap_ins is not None and len(self._reservations) >= self.max_swap_ins:
+            victims = None                          # wait for a swap-in in flight to finish
+        else:
+            victims = self._choose_victims(need, exclude=entry)
         if victims is None:
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
@@ -542,6 +553,9 @@ class ModelCache:
 
     def _busy_reason(self, need: int, timeout: Optional[float]) -> str:
         leased = sorted(e.name for e in self._entries.values() if e.tier is Tier.DEVICE and e.leases)
+        if self.max_swap_ins is not None and len(self._reservations) >= self.max_swap_ins:
+            return (f"no swap-in slot after {timeout} s: {len(self._reservations)} swap-ins in flight, "
+                    f"max_swap_ins={self.max_swap_ins}")
         return (f"no room for {need} B on the device after {timeout} s: {self._accounted_bytes()} B of the "
                 f"{self.device_budget_bytes} B budget in use or promised, {self.monitor.free_bytes()} B free "
                 f"against a reserve of {self.reserve_bytes} B; leased: {leased or 'none'}")

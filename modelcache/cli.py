@@ -35,6 +35,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     stress.add_argument("--baselines", default="lru-count,naive")
     stress.add_argument("--baseline-requests", type=int, help="serve only this prefix of the trace for baselines")
     stress.add_argument("--naive-requests", type=int, help="a shorter prefix for naive (default: --baseline-requests)")
+    stress.add_argument("--max-swap-ins", type=int, help="modelcache: most swap-ins in flight (default: no limit)")
+    stress.add_argument("--sim-link", type=float, help="simulated device: host->device GB/s (default: free copies)")
+    stress.add_argument("--sim-session-overhead", default="0", help="simulated device: bytes a session costs")
     stress.add_argument("--simulate", action="store_true")
     stress.add_argument("--device-total", help="simulated device size (default 4 x budget)")
     stress.add_argument("--models-dir", help="where generated models are kept (reused across runs)")
@@ -90,7 +93,9 @@ def _stress(args: argparse.Namespace) -> int:
                           policies=[p for p in args.policies.split(",") if p],
                           baselines=[b for b in args.baselines.split(",") if b],
                           baseline_requests=args.baseline_requests, naive_requests=args.naive_requests,
-                          simulate=args.simulate,
+                          simulate=args.simulate, max_swap_ins=args.max_swap_ins,
+                          link_bytes_per_s=args.sim_link * 1e9 if args.sim_link else None,
+                          session_overhead=args.sim_session_overhead,
                           device_total=args.device_total, models_dir=args.models_dir, seed=args.seed,
                           progress=not args.no_progress)
     report = run_stress(config)

@@ -70,6 +70,9 @@ class StressConfig:
     naive_requests: Optional[int] = None      #: a shorter prefix for naive (default: baseline_requests)
     simulate: bool = False
     device_total: Optional[Size] = None       #: simulated device size (default 4 x budget)
+    max_swap_ins: Optional[int] = None        #: modelcache's limit on swap-ins in flight (None: none)
+    link_bytes_per_s: Optional[float] = None  #: simulated device: host->device bandwidth (None: free copies)
+    session_overhead: Size = 0                #: simulated device: bytes a session costs besides weights
     models_dir: Optional[str] = None
     seed: int = 0
     progress: bool = True
@@ -243,10 +246,10 @@ class Contender:
 
 class ModelCacheContender(Contender):
     def __init__(self, policy: str, specs: Sequence[ModelSpec], monitor: DeviceMonitor, budget: int,
-                 reserve: int) -> None:
+                 reserve: int, max_swap_ins: Optional[int] = None) -> None:
         from .cache import ModelCache
         self.name = f"modelcache-{policy}"
-        self.cache = ModelCache(monitor=monitor, device_budget=budget, reserve=reserve, policy=policy,
+        self.cache = ModelCache(monitor=monitor, device_budget=budget, reserve=reserve, policy=policy, max_swap_ins=max_swap_ins,
                                 watch_interval=0.1)
         threshold = min(MiB, min(s.nbytes for s in specs) // 8)
         for spec in specs:
@@ -541,7 +544,8 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
         gc.collect()        # the last contender's sessions go now, before this one's baseline is read
         if gpu_monitor is not None:
             return gpu_monitor
-        return SimulatedDevice(device_total, name="simulated GPU")
+        return SimulatedDevice(device_total, name="simulated GPU", session_overhead=config.session_overhead,
+                               link_bytes_per_s=config.link_bytes_per_s)
 
     def finished(res: Result) -> None:
         s = res.summary()
@@ -557,7 +561,7 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
 
     for policy in config.policies:
         setup = time.perf_counter()
-        contender = ModelCacheContender(policy, specs, monitor(), budget, reserve)
+        contender = ModelCacheContender(policy, specs, monitor(), budget, reserve, config.max_swap_ins)
         log(f"  {contender.name}: {len(specs)} models parked on the host in {time.perf_counter() - setup:.1f} s")
         try:
             results[contender.name] = run_contender(contender, trace, by_name, config.threads, progress)

@@ -634,3 +634,74 @@ def test_parked_bytes_filling_the_budget_are_freed_for_a_swap_in(device):
     assert cache.stats()["unparks"] > 0
     cache.close()
     assert device.process_bytes() == 0
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_max_swap_ins_bounds_concurrent_swap_ins(limit):
+    """With ``max_swap_ins``, no more swap-ins than that run at once (the others wait for a
+    slot); without it, all of them overlap. Every request is still served."""
+    from modelcache.backends.python import PythonBackend
+    state = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+
+    class Counting(PythonBackend):
+        name = "counting"
+
+        def _to_device_impl(self, handle):
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+            time.sleep(0.05)
+            with lock:
+                state["now"] -= 1
+            super()._to_device_impl(handle)
+
+    def run(max_swap_ins):
+        state.update(now=0, peak=0)
+        with mc.ModelCache(monitor=mc.SimulatedDevice(10_000), device_budget=1000, reserve=0, watch_interval=None,
+                           max_swap_ins=max_swap_ins) as cache:
+            for i in range(6):
+                cache.register(f"m{i}", array_loader(10), backend=Counting)
+                cache.prefetch(f"m{i}", tier=mc.Tier.HOST).result()
+            def use(name):
+                with cache.use(name):
+                    pass
+
+            threads = [threading.Thread(target=use, args=(f"m{i}",)) for i in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert cache.stats()["models.device"] == 6
+        return state["peak"]
+
+    assert run(limit) == limit
+    assert run(None) == 6
+
+
+def test_max_swap_ins_is_checked():
+    with pytest.raises(mc.ConfigError, match="max_swap_ins=0"):
+        mc.ModelCache(monitor=mc.SimulatedDevice(1000), max_swap_ins=0)
+
+
+def test_simulated_link_is_shared_by_concurrent_copies():
+    """SimulatedDevice.copy takes nbytes / bandwidth alone, and twice that when two copies share
+    the link (lower bounds only: sleeps never end early)."""
+    device = mc.SimulatedDevice(1000, link_bytes_per_s=100e6)
+    start = time.perf_counter()
+    device.copy(5_000_000)
+    alone = time.perf_counter() - start
+    took = []
+
+    def copy():
+        t0 = time.perf_counter()
+        device.copy(5_000_000)
+        took.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=copy) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert alone >= 0.05 and min(took) >= 0.095
+    mc.SimulatedDevice(1000).copy(10**12)     # no link: free

@@ -629,6 +629,7 @@ class OnnxRuntimeBackend(Backend):
         else:
             allocation = self.context.monitor.allocate(nbytes, owner=handle.name)  # type: ignore[attr-defined]
             try:
+                self.context.monitor.copy(nbytes)  # type: ignore[attr-defined]   # the simulated link's time
                 group = self._join_group(handle, None, handle.block)
             except BaseException:
                 allocation.free()

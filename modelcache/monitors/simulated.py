@@ -39,8 +39,13 @@ class SimulatedDevice(DeviceMonitor):
     simulated = True
 
     def __init__(self, total: Size = "16GiB", *, device: int = 0, name: str = "SimulatedDevice",
-                 session_overhead: Size = 0) -> None:
+                 session_overhead: Size = 0, link_bytes_per_s: Optional[float] = None) -> None:
         self._total = parse_size(total, what="SimulatedDevice total")
+        #: host->device bandwidth that :meth:`copy` takes time from (None: copies are free);
+        #: concurrent copies share it equally, as copies over one PCIe link do
+        self.link_bytes_per_s = link_bytes_per_s
+        self._link = threading.Condition()
+        self._copies: Dict[int, float] = {}     # copy id -> bytes still to move
         #: device bytes a runtime session costs besides its weights (ONNX Runtime's CUDA provider:
         #: about 200 MiB on an H100); backends allocate it for each device session they create
         self.session_overhead_bytes = parse_size(session_overhead, what="session_overhead")
@@ -88,6 +93,31 @@ class SimulatedDevice(DeviceMonitor):
                 self._process += nbytes
                 self.peak_process_bytes = max(self.peak_process_bytes, self._process)
         return SimulatedAllocation(self, token, nbytes, owner)
+
+    def copy(self, nbytes: int) -> None:
+        """Take as long as moving ``nbytes`` over the link shared with the copies in flight
+        (processor sharing, re-evaluated every millisecond). Returns at once without a link."""
+        if not self.link_bytes_per_s or nbytes <= 0:
+            return
+        import time
+        with self._link:
+            key = next(self._tokens)
+            self._copies[key] = float(nbytes)
+        last = time.perf_counter()
+        try:
+            while True:
+                with self._link:
+                    now = time.perf_counter()
+                    share = self.link_bytes_per_s / max(len(self._copies), 1)
+                    self._copies[key] -= share * (now - last)
+                    last = now
+                    left = self._copies[key]
+                    if left <= 0:
+                        return
+                time.sleep(min(left / share, 0.001))
+        finally:
+            with self._link:
+                self._copies.pop(key, None)
 
     def take(self, nbytes: Size, owner: str = "other-process") -> SimulatedAllocation:
         """Simulate another process taking memory (pressure); free it with ``.free()``."""
