@@ -325,6 +325,15 @@ class _SessionContender(Contender):
         with self._lock:
             return float(np.median(self._load_times)) if self._load_times else None
 
+    def close(self) -> None:
+        """Drop every session now, so the next contender starts from a quiet device."""
+        for allocation in self._drop_sessions():
+            if allocation is not None:
+                allocation.free()
+
+    def _drop_sessions(self) -> List[Any]:
+        return []
+
 
 class LruCountContender(_SessionContender):
     """LRU by model count (Ray Serve's max_num_models_per_replica)."""
@@ -363,6 +372,11 @@ class LruCountContender(_SessionContender):
         with self._lock:
             return len(self.sessions), 0
 
+    def _drop_sessions(self) -> List[Any]:
+        with self._lock:
+            entries, self.sessions = list(self.sessions.values()), collections.OrderedDict()
+        return [allocation for _, allocation in entries]
+
 
 class NaiveContender(_SessionContender):
     """The seed's recipe: load on a miss, unload the rest (one model on the device at a time)."""
@@ -391,6 +405,11 @@ class NaiveContender(_SessionContender):
 
     def tiers(self) -> Tuple[int, int]:
         return (1 if self.current else 0), 0
+
+    def _drop_sessions(self) -> List[Any]:
+        with self._serve_lock:
+            current, self.current = self.current, None
+        return [current[2]] if current is not None else []
 
 
 # ----------------------------------------------------------------------------- running
@@ -568,6 +587,7 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
             finished(results[contender.name])
         finally:
             contender.close()
+            del contender       # its sessions go before the next contender reads its baseline
     base_trace = trace[:config.baseline_requests] if config.baseline_requests else trace
     for baseline in config.baselines:
         if baseline == "lru-count":
@@ -582,6 +602,7 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
             finished(results[contender.name])
         finally:
             contender.close()
+            del contender
     sizes = {s.name: s.nbytes for s in specs}
     report: Dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": where, "simulated": gpu_monitor is None,

@@ -122,3 +122,18 @@ def test_baselines_count_waiting_for_a_load_as_a_miss(monkeypatch, kind):
         t.join()
     assert hits == [False, False]
     assert contender.serve(spec)[1] is True
+
+
+def test_baselines_free_their_device_memory_when_closed(tmp_path):
+    """The next contender's memory baseline must not include this one's sessions."""
+    import numpy as np
+    specs = stress.generate_models(str(tmp_path / "m"), 3, 64 * 1024, 128 * 1024, layers=2)
+    for make in (lambda d: stress.LruCountContender(2, d), stress.NaiveContender):
+        device = mc.SimulatedDevice("64MiB")
+        contender = make(device)
+        for spec in specs:
+            out, _ = contender.serve(spec)
+            assert stress.output_ok(out, spec.reference) and not stress.output_ok(out, np.zeros_like(out) + 1)
+        assert device.process_bytes() > 0
+        contender.close()
+        assert device.process_bytes() == 0
