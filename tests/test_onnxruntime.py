@@ -277,6 +277,15 @@ def _mlp(folder, hidden, seed, layers=2):
     return path, x, y
 
 
+def _serve_checked(cache, models, after=None):
+    """Run every model once on its input and compare with the plain session's output."""
+    for name, (_, x, y) in models.items():
+        with cache.use(name) as model:
+            np.testing.assert_allclose(model.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+        if after is not None:
+            after(name)
+
+
 def test_models_of_one_architecture_share_one_session_counted_once(tmp_path):
     """Same topology, other weights and sizes: one session, its bytes counted once, every output
     right; another architecture gets its own; the session goes with its last model."""
@@ -287,9 +296,7 @@ def test_models_of_one_architecture_share_one_session_counted_once(tmp_path):
         for name, (path, _, _) in models.items():
             cache.register(name, path, weights_threshold=4096)
         for _ in range(2):
-            for name, (_, x, y) in models.items():
-                with cache.use(name) as model:
-                    np.testing.assert_allclose(model.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+            _serve_checked(cache, models)
         stats = cache.stats()
         assert stats["onnxruntime.sessions"] == 2 and stats["onnxruntime.sessions.created"] == 2
         assert [cache.info(n).details["session_shared_by"] for n in models] == [3, 3, 3, 1]
@@ -325,18 +332,17 @@ def test_a_lone_parked_session_is_unparked_to_make_room(tmp_path):
     drops one to bring a model in, and the accounting matches the device throughout."""
     device = mc.SimulatedDevice("64MiB", session_overhead="2MiB")
     models = {f"m{k}": _mlp(tmp_path, 128, k, layers=2 + k) for k in range(4)}   # 4 architectures
-    weights = {}
     with mc.ModelCache(monitor=device, device_budget="6MiB", reserve=0, watch_interval=None) as cache:
         for name, (path, _, _) in models.items():
             cache.register(name, path, weights_threshold=4096)
+
+        def budget_kept(_name):
+            stats = cache.stats()
+            assert stats["device.accounted_bytes"] <= 6 * MiB
+            assert device.process_bytes() == stats["device.accounted_bytes"]
+
         for _ in range(3):
-            for name, (_, x, y) in models.items():
-                with cache.use(name) as model:
-                    np.testing.assert_allclose(model.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
-                    weights[name] = cache.info(name).details["weights_bytes"]
-                stats = cache.stats()
-                assert stats["device.accounted_bytes"] <= 6 * MiB
-                assert device.process_bytes() == stats["device.accounted_bytes"]
+            _serve_checked(cache, models, after=budget_kept)
         assert cache.stats()["unparks"] > 0
         assert cache.stats()["onnxruntime.sessions.created"] > 4      # dropped sessions were made again
 
@@ -391,3 +397,19 @@ def test_external_data_outside_the_model_folder_or_too_short_is_refused(cache, t
     cache.register("fine", save_model(make_mlp(HIDDEN, 2, seed=4), str(tmp_path / "f.onnx"), external_data=True))
     with cache.use("fine") as model:
         assert model.run(None, {"x": X})[0].shape == (3, HIDDEN)
+
+
+def test_shared_session_model_reports_the_original_inputs_and_outputs(tmp_path):
+    """The shared graph's dimensions are symbolic; what use() hands out still describes the
+    model's own inputs and outputs, as a plain InferenceSession does."""
+    path, x, _ = _mlp(tmp_path, 256, 1)
+    fixed = save_model(make_mlp(256, 2, seed=2, batch=3), str(tmp_path / "fixed.onnx"))
+    with mc.ModelCache(monitor=mc.SimulatedDevice("64MiB"), reserve=0, watch_interval=None) as cache:
+        for name, source in (("a", path), ("fixed", fixed)):
+            cache.register(name, source, weights_threshold=4096)
+            plain = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+            with cache.use(name) as model:
+                assert cache.info(name).details["session_shared_by"] >= 1
+                for got, want in ((model.get_inputs(), plain.get_inputs()), (model.get_outputs(), plain.get_outputs())):
+                    assert [(v.name, v.type, list(v.shape)) for v in got] == \
+                        [(v.name, v.type, list(v.shape)) for v in want]

@@ -116,6 +116,7 @@ class OrtHandle(Handle):
         self.group_key = ""
         self.new_group_bytes: Any = lambda: 0   # device bytes a swap-in adds if it must create the group's session
         self.sample_inputs: Optional[List[Tuple[str, Any, List[int]]]] = None   # for the warm-up run
+        self.signature: Optional[Tuple[List["ValueInfo"], List["ValueInfo"]]] = None  # original inputs, outputs
         self.host_session: Any = None           # a CPU session serving while on the host
         self.optimized = False                  # session mode: graph saved optimized; load with opts off
         self.session_device_bytes = 0           # session mode: device memory the session itself took (measured)
@@ -143,9 +144,8 @@ class OrtHandle(Handle):
     def _group_bytes(self) -> int:
         """The group's session bytes if this handle carries them (it is the group's owner)."""
         group = self.group
-        if group is None or not group.members or group.members[0] is not self:
-            return 0
-        return group.nbytes
+        members = list(group.members) if group is not None else []   # a snapshot: others may join or leave
+        return group.nbytes if group is not None and members and members[0] is self else 0
 
     def model_path(self) -> str:
         assert self.host_dir is not None
@@ -161,7 +161,7 @@ class OrtHandle(Handle):
 
     def unpark_frees_bytes(self) -> int:
         group = self.group
-        return group.nbytes if group is not None and group.members == [self] else 0
+        return group.nbytes if group is not None and list(group.members) == [self] else 0
 
     def kept_after_eviction(self) -> int:
         return self._group_bytes()
@@ -192,8 +192,10 @@ class OrtModel:
 
     def __init__(self, name: str, session: Any, weights: Sequence[Weight], device: Optional[Tuple[str, int]],
                  weight_base: Any, input_names: List[str], output_names: List[str], run_options: Any = None,
-                 runner: Any = None, gate: Any = None) -> None:
+                 runner: Any = None, gate: Any = None, signature: Optional[Tuple[List[Any], List[Any]]] = None
+                 ) -> None:
         self.name = name
+        self._signature = signature      # the original model's inputs and outputs (a shared graph's are generic)
         self._gate = gate
         self._runner = runner             # the session's own thread (GPU), or None: run in the caller's
         self._run_options = run_options   # default RunOptions (e.g. arena shrinkage after each run)
@@ -208,12 +210,17 @@ class OrtModel:
 
     # InferenceSession look-alikes ------------------------------------------------------------
     def get_inputs(self) -> List[Any]:
+        """The model's inputs (name, type, shape) as the original model declares them."""
         self._alive()
+        if self._signature is not None:
+            return list(self._signature[0])
         names = set(self._input_names)
         return [i for i in self._session.get_inputs() if i.name in names]
 
     def get_outputs(self) -> List[Any]:
         self._alive()
+        if self._signature is not None:
+            return list(self._signature[1])
         return self._session.get_outputs()
 
     def get_providers(self) -> List[str]:
@@ -368,6 +375,7 @@ class OnnxRuntimeBackend(Backend):
         handle.input_names = [i.name for i in proto.graph.input if i.name not in initializers]
         handle.output_names = [o.name for o in proto.graph.output]
         handle.sample_inputs = _sample_specs(proto, handle.input_names)
+        handle.signature = _signature(proto, handle.input_names)
         share = bool(options.get("share_session", True))
         try:
             # to share a session, models must not differ in constants: floating-point initializers
@@ -643,7 +651,7 @@ class OnnxRuntimeBackend(Backend):
             handle.device_weights = allocation
             base, device, run_options = handle.block, None, None
         handle.wrapper = OrtModel(handle.name, group.session, handle.weights, device, base, handle.input_names,
-                                  handle.output_names, run_options, group.runner, self._gate)
+                                  handle.output_names, run_options, group.runner, self._gate, handle.signature)
 
     # session groups -------------------------------------------------------------------------
     def _new_group_bytes(self, key: str) -> int:
@@ -983,7 +991,8 @@ class OnnxRuntimeBackend(Backend):
         if handle.host_wrapper is None:
             weights = handle.weights if handle.mode == "weights" else []
             handle.host_wrapper = OrtModel(handle.name, handle.host_session, weights, None, handle.block,
-                                           handle.input_names, handle.output_names)
+                                           handle.input_names, handle.output_names,
+                                           signature=handle.signature if handle.mode == "weights" else None)
         return handle.host_wrapper
 
     def close(self) -> None:
@@ -1168,6 +1177,32 @@ def _group_key(graph: bytes, options: Dict[str, Any], name: Optional[str]) -> st
     if name is not None:
         digest.update(b"\0" + name.encode())
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    """An input or output as ``InferenceSession.get_inputs()`` describes it: ``type`` like
+    ``"tensor(float)"``, ``shape`` with ints, names of symbolic dimensions, or None."""
+
+    name: str
+    type: str
+    shape: List[Any]
+
+
+def _signature(proto: Any, input_names: Sequence[str]) -> Tuple[List[ValueInfo], List[ValueInfo]]:
+    onnx = _onnx()
+    wanted = set(input_names)
+
+    def info(value: Any) -> ValueInfo:
+        tensor = value.type.tensor_type
+        try:
+            kind = onnx.helper.tensor_dtype_to_string(tensor.elem_type).split(".")[-1].lower()
+        except Exception:
+            kind = "undefined"
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        return ValueInfo(value.name, f"tensor({kind})", shape)
+
+    return ([info(v) for v in proto.graph.input if v.name in wanted], [info(v) for v in proto.graph.output])
 
 
 def _sample_specs(proto: Any, names: Sequence[str]) -> Optional[List[Tuple[str, Any, List[int]]]]:
