@@ -174,7 +174,8 @@ class OrtHandle(Handle):
     def details(self) -> Dict[str, Any]:
         group = self.group
         shared = {"session_group": self.group_key[:12], "session_shared_by": len(group.members) if group else 0,
-                  "session_device_bytes": group.nbytes if group else 0} if self.mode == "weights" else \
+                  "session_device_bytes": group.nbytes if group else 0,
+                  "session_warmup_error": group.warmup_error if group else None} if self.mode == "weights" else \
             {"session_device_bytes": self.session_device_bytes}
         return {"mode": self.mode, "mode_reason": self.mode_reason, "weights": len(self.weights),
                 "weights_bytes": self.weights_nbytes, **shared,
