@@ -413,3 +413,14 @@ def test_shared_session_model_reports_the_original_inputs_and_outputs(tmp_path):
                 for got, want in ((model.get_inputs(), plain.get_inputs()), (model.get_outputs(), plain.get_outputs())):
                     assert [(v.name, v.type, list(v.shape)) for v in got] == \
                         [(v.name, v.type, list(v.shape)) for v in want]
+
+
+def test_a_failed_warm_up_run_is_reported_and_the_model_still_serves(tmp_path):
+    path, x, y = _mlp(tmp_path, 256, 1)
+    with mc.ModelCache(monitor=mc.SimulatedDevice("64MiB"), reserve=0, watch_interval=None) as cache:
+        cache.register("a", path, weights_threshold=4096)
+        cache.prefetch("a", tier=mc.Tier.HOST).result()
+        cache._entries["a"].handle.sample_inputs = [("x", np.dtype(np.float32), [1, 7])]   # a shape it refuses
+        with cache.use("a") as model:
+            np.testing.assert_allclose(model.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+        assert "x" in cache.info("a").details["session_warmup_error"]
