@@ -352,10 +352,7 @@ class ModelCache:
                 if entry.tier <= target and entry.moving is None:           # resident: a hit
                     if not lease:
                         return entry, None, not missed
-                    entry.leases += 1
-                    entry.uses += 1
-                    entry.tick = next(self._clock)
-                    entry.last_used = time.time()
+                    self._grant(entry)
                     if not missed:
                         entry.hits += 1
                         self._hits += 1
@@ -399,14 +396,18 @@ class ModelCache:
         model = entry.backend.host_model(entry.handle)
         if model is None:
             return None
-        entry.leases += 1
-        entry.uses += 1
-        entry.tick = next(self._clock)
-        entry.last_used = time.time()
+        self._grant(entry)
         self._record.incr("host_serves")
         if entry.moving is None:
             self._executor.submit(self._acquire, entry.name, _DEFAULT_TIMEOUT, lease=False)
         return model
+
+    def _grant(self, entry: _Entry) -> None:
+        """Lock held: one more lease on ``entry``, and a use for the policy's clock."""
+        entry.leases += 1
+        entry.uses += 1
+        entry.tick = next(self._clock)
+        entry.last_used = time.time()
 
     def _release(self, entry: _Entry) -> None:
         with self._cond:
@@ -462,27 +463,34 @@ class ModelCache:
         """The victims that make room for ``need`` more device bytes, in policy order, such that
         the accounted bytes stay within the budget and the projected free memory stays at or
         above the reserve. None if evicting every evictable model would not be enough."""
+        victims, enough = self._pick_victims(need, exclude)
+        if not enough:
+            for victim in victims:
+                victim.unpark_after = False
+            return None
+        for victim in victims:
+            self.policy.on_evict(victim.candidate(victim.device_bytes))
+        return victims
+
+    def _pick_victims(self, need: int, exclude: Optional[_Entry]) -> Tuple[List[_Entry], bool]:
+        """Lock held: victims in ranked order until ``need`` more bytes fit both the budget and the
+        reserve, and whether they suffice. A model ranked again for an unpark after its eviction
+        is marked ``unpark_after`` instead of listed twice."""
         over_budget = self._accounted_bytes() + need - self.device_budget_bytes
         pending = sum(r.need for r in self._reservations)
         short_free = self.reserve_bytes - (self.monitor.free_bytes() - pending - need)
-        if over_budget <= 0 and short_free <= 0:
-            return []
         victims: List[_Entry] = []
         freed = 0
         for candidate, unpark in self._ranked_victims(exclude):
+            if freed >= over_budget and freed >= short_free:
+                break
             victim = self._entries[candidate.name]
             if unpark and victim in victims:
                 victim.unpark_after = True      # evicted and its kept bytes freed too
             else:
                 victims.append(victim)
             freed += candidate.nbytes
-            if freed >= over_budget and freed >= short_free:
-                for victim in victims:
-                    self.policy.on_evict(victim.candidate(victim.device_bytes))
-                return victims
-        for victim in victims:
-            victim.unpark_after = False
-        return None
+        return victims, freed >= over_budget and freed >= short_free
 
     def _evictable(self, exclude: Optional[_Entry] = None) -> List[Candidate]:
         return [e.candidate(e.freed_by_eviction) for e in self._entries.values()
@@ -726,23 +734,10 @@ class ModelCache:
         with self._cond:
             if self._closed:
                 return 0
-            over_budget = self._accounted_bytes() - self.device_budget_bytes
-            pending = sum(r.need for r in self._reservations)
-            short_free = self.reserve_bytes - (self.monitor.free_bytes() - pending)
-            victims: List[_Entry] = []
-            if over_budget > 0 or short_free > 0:
-                freed = 0
-                for candidate, unpark in self._ranked_victims(exclude):
-                    if freed >= over_budget and freed >= short_free:
-                        break
-                    victim = self._entries[candidate.name]
-                    freed += candidate.nbytes
-                    if unpark and victim in victims:
-                        victim.unpark_after = True
-                        continue
-                    self.policy.on_evict(candidate)
-                    self._begin_move(victim, self._eviction_target(victim))
-                    victims.append(victim)
+            victims, _ = self._pick_victims(0, exclude)   # as many as there are, enough or not
+            for victim in victims:
+                self.policy.on_evict(victim.candidate(victim.device_bytes))
+                self._begin_move(victim, self._eviction_target(victim))
         evicted = 0
         for victim in victims:
             try:
