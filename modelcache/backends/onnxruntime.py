@@ -703,8 +703,7 @@ class OnnxRuntimeBackend(Backend):
             return session
 
         if self.on_gpu:
-            from concurrent.futures import ThreadPoolExecutor
-            runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"modelcache-ort-{handle.name}"[:40])
+            runner = _new_runner(handle.name)
             try:
                 session, nbytes = self._measured(lambda: runner.submit(create).result())
             except BaseException:
@@ -843,8 +842,8 @@ class OnnxRuntimeBackend(Backend):
             return True
 
     def _run_options(self, options: Dict[str, Any]) -> Any:
-        """On a GPU, arenas give back what a run allocated once it ends (``shrink_arena``, default
-        True): cached models then hold no activation memory between requests."""
+        """With ``shrink_arena`` (default False; no effect measured on the H100), arenas on a GPU
+        give back what a run allocated once it ends."""
         if not self.on_gpu or not options.get("shrink_arena", False):
             return None
         ort = _ort()
@@ -853,15 +852,12 @@ class OnnxRuntimeBackend(Backend):
         return run_options
 
     def _runner(self, handle: "OrtHandle") -> Any:
-        """The session's own thread. ONNX Runtime's CUDA provider keeps a context (cuBLAS and cuDNN
-        handles, workspaces: ~70 MiB on an H100) for every thread that runs a session; creating and
-        running each session on one thread keeps that to one per session, the figure measured at
-        its creation. None off the GPU."""
+        """Session mode: the model's own thread for its sessions (see :func:`_new_runner`). None
+        off the GPU."""
         if not self.on_gpu:
             return None
         if handle.runner is None:
-            from concurrent.futures import ThreadPoolExecutor
-            handle.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"modelcache-ort-{handle.name}"[:40])
+            handle.runner = _new_runner(handle.name)
         return handle.runner
 
     def _measured(self, create: Any) -> Tuple[Any, int]:
@@ -1036,6 +1032,15 @@ class OnnxRuntimeBackend(Backend):
 
 
 # helpers -------------------------------------------------------------------------------------------
+def _new_runner(label: str) -> Any:
+    """A session's own thread. ONNX Runtime's CUDA provider keeps device memory (cuBLAS/cuDNN
+    handles, workspaces) for every thread that runs a session or binds inputs to it; creating,
+    binding and running a session on one thread keeps that to one per session, the figure
+    measured when the session is made."""
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"modelcache-ort-{label}"[:40])
+
+
 class _Gate:
     """A readers/writer lock preferring the writer: any number of runs and allocations at once, or
     one memory measurement alone (waiting readers let a waiting measurement go first)."""
