@@ -284,8 +284,7 @@ class TensorRTBackend(Backend):
             if path.lower().endswith(".onnx"):
                 handle.source_onnx = os.path.abspath(path)
                 handle.build_options = BuildOptions.of(options.get("build"))
-                plan_path, sidecar, _ = self._build_cache(trt, options).get(path, handle.build_options)
-                self._read_plan(handle, plan_path, sidecar)
+                self._take_built(handle, self._build_cache(trt, options))
             elif os.path.exists(path):
                 self._read_plan(handle, path, read_sidecar(path + ".json"))
             else:
@@ -302,6 +301,14 @@ class TensorRTBackend(Backend):
                                         f"or an ICudaEngine, not {type(value).__name__}", model=name)
         handle.host_bytes = handle.plan_nbytes if handle.plan is not None else 0
         return handle
+
+    @staticmethod
+    def _take_built(handle: TrtHandle, cache: BuildCache) -> None:
+        """The plan of ``handle.source_onnx`` from the build cache (built if needed; a cached plan
+        is read and checked once, by the cache)."""
+        assert handle.source_onnx is not None
+        _, sidecar, plan, _ = cache.fetch(handle.source_onnx, handle.build_options)
+        handle.plan, handle.plan_nbytes, handle.sidecar = plan, _nbytes(plan), sidecar
 
     def _read_plan(self, handle: TrtHandle, path: str, sidecar: Optional[Dict[str, Any]]) -> None:
         data = read_verified(path, (sidecar or {}).get("plan_sha256"), model=handle.name)
@@ -377,9 +384,7 @@ class TensorRTBackend(Backend):
             logging.getLogger("modelcache").warning("model %r: plan built for another environment (%s); "
                                                     "rebuilding from %s", handle.name, "; ".join(problems),
                                                     handle.source_onnx)
-            cache = self._build_cache(handle.trt, {})
-            plan_path, sidecar, _ = cache.get(handle.source_onnx, handle.build_options)
-            self._read_plan(handle, plan_path, sidecar)
+            self._take_built(handle, self._build_cache(handle.trt, {}))
             handle.rebuilds += 1
             with self._lock:
                 self.counters["rebuilds"] += 1

@@ -18,8 +18,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .._fileio import atomic_write, sha256_file
-from ..errors import ConfigError, EngineBuildError, ModelCacheError
+from .._fileio import atomic_write, read_verified, sha256_file
+from ..errors import ConfigError, CorruptFileError, EngineBuildError, ModelCacheError
 from ..sizes import Size, parse_size
 
 SIDECAR_FORMAT = 1
@@ -234,6 +234,13 @@ class BuildCache:
     def get(self, onnx_path: str, options: Union[None, BuildOptions, Dict[str, Any]] = None
             ) -> Tuple[str, Dict[str, Any], bool]:
         """``(plan_path, sidecar, hit)`` for the ONNX file at ``onnx_path``."""
+        plan_path, sidecar, _, hit = self.fetch(onnx_path, options)
+        return plan_path, sidecar, hit
+
+    def fetch(self, onnx_path: str, options: Union[None, BuildOptions, Dict[str, Any]] = None
+              ) -> Tuple[str, Dict[str, Any], Any, bool]:
+        """``(plan_path, sidecar, plan, hit)``: :meth:`get` plus the plan (bytes read and checked
+        against the sidecar's sha256 once, or the IHostMemory just built)."""
         opts = BuildOptions.of(options)
         if not os.path.exists(onnx_path):
             raise EngineBuildError(f"no ONNX file at {onnx_path}")
@@ -245,7 +252,7 @@ class BuildCache:
                 cached = self._cached(plan_path)
                 if cached is not None:
                     self.hits += 1
-                    return plan_path, cached, True
+                    return (plan_path, *cached, True)
                 waiting = self._inflight.get(key)
                 if waiting is None:
                     mine: Future = Future()
@@ -253,11 +260,11 @@ class BuildCache:
                     break
             waiting.result()   # another thread builds this key; then it is a hit (or raise its error)
         try:
-            sidecar = self._build(onnx_path, onnx_sha, opts, plan_path)
+            sidecar, data = self._build(onnx_path, onnx_sha, opts, plan_path)
             with self._lock:
                 self.builds += 1
             mine.set_result(None)
-            return plan_path, sidecar, False
+            return plan_path, sidecar, data, False
         except BaseException as exc:
             mine.set_exception(exc)
             raise
@@ -265,15 +272,18 @@ class BuildCache:
             with self._lock:
                 self._inflight.pop(key, None)
 
-    def _cached(self, plan_path: str) -> Optional[Dict[str, Any]]:
+    def _cached(self, plan_path: str) -> Optional[Tuple[Dict[str, Any], bytes]]:
+        """(sidecar, plan bytes) of a sound entry; None if missing or damaged (then rebuilt)."""
         sidecar = read_sidecar(plan_path + ".json") if os.path.exists(plan_path) else None
         if sidecar is None:
             return None
-        if sha256_file(plan_path) != sidecar.get("plan_sha256"):
-            return None   # a damaged entry is rebuilt
-        return sidecar
+        try:
+            return sidecar, read_verified(plan_path, sidecar.get("plan_sha256") or "")
+        except CorruptFileError:
+            return None
 
-    def _build(self, onnx_path: str, onnx_sha: str, opts: BuildOptions, plan_path: str) -> Dict[str, Any]:
+    def _build(self, onnx_path: str, onnx_sha: str, opts: BuildOptions,
+               plan_path: str) -> Tuple[Dict[str, Any], Any]:
         start = time.perf_counter()
         plan = build_plan(self.trt, onnx_path, opts)
         plan_sha = atomic_write(plan_path, memoryview(plan))
@@ -283,7 +293,7 @@ class BuildCache:
                         "build_seconds": round(time.perf_counter() - start, 3),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         write_sidecar(plan_path + ".json", sidecar)
-        return sidecar
+        return sidecar, plan
 
 
 def build_plan(trt: Any, onnx_path: str, options: BuildOptions) -> Any:
