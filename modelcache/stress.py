@@ -124,7 +124,6 @@ def generate_models(folder: str, count: int, min_bytes: int, max_bytes: int, lay
     external data under ``folder`` (reused when already there), with a reference output each.
     The weights are written straight to the data file (no copy through protobuf): 40 models of
     up to 1 GiB take seconds, not minutes."""
-    import onnx
     from onnx import TensorProto, helper
 
     os.makedirs(folder, exist_ok=True)

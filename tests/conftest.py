@@ -1,4 +1,6 @@
 import functools
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -56,3 +58,16 @@ def array_loader(value: int, nbytes: int = 100, calls=None):
             calls.append(value)
         return np.full(nbytes, value, dtype=np.uint8)
     return load
+
+
+def run_threads(target, args_list, release=None, settle=0.2, timeout=10):
+    """Run ``target(*args)`` for each tuple in ``args_list`` on threads of their own; with
+    ``release`` (an Event), set it ``settle`` seconds after they start; join them all."""
+    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    for t in threads:
+        t.start()
+    if release is not None:
+        time.sleep(settle)
+        release.set()
+    for t in threads:
+        t.join(timeout)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import modelcache as mc
-from conftest import array_loader
+from conftest import array_loader, run_threads
 from modelcache.backends.python import PythonBackend
 
 MODEL_BYTES = 100
@@ -115,13 +115,7 @@ def test_single_flight_16_users_one_load(make_cache):
         with cache.use("one", timeout=10) as model:
             results.append(int(model[0]))
 
-    threads = [threading.Thread(target=user) for _ in range(16)]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)
-    gate.set()
-    for t in threads:
-        t.join(10)
+    run_threads(user, [()] * 16, release=gate)
     assert calls == [1]
     assert results == [42] * 16
     info = cache.info("one")
@@ -148,13 +142,7 @@ def test_single_flight_failure_reaches_every_waiter_once(make_cache):
         except mc.LoaderError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=user) for _ in range(8)]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)
-    gate.set()
-    for t in threads:
-        t.join(10)
+    run_threads(user, [()] * 8, release=gate)
     assert calls == [1] and len(errors) == 8
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import modelcache as mc
-from conftest import array_loader
+from conftest import array_loader, run_threads
 
 
 def tiers(cache):
@@ -667,11 +667,7 @@ def test_max_swap_ins_bounds_concurrent_swap_ins(limit):
                 with cache.use(name):
                     pass
 
-            threads = [threading.Thread(target=use, args=(f"m{i}",)) for i in range(6)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            run_threads(use, [(f"m{i}",) for i in range(6)])
             assert cache.stats()["models.device"] == 6
         return state["peak"]
 

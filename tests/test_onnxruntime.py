@@ -11,6 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 from modelcache.backends.onnxruntime import InvalidModelError  # noqa: E402
 from modelcache import ModelInputError  # noqa: E402
 from modelcache.generate import make_mlp, save_model  # noqa: E402
+from conftest import run_threads  # noqa: E402
 
 HIDDEN = 512          # 1 MiB per weight matrix: at the default threshold
 X = np.random.default_rng(7).standard_normal((3, HIDDEN)).astype(np.float32)
@@ -366,11 +367,7 @@ def test_group_session_created_once_under_concurrent_swap_ins(tmp_path):
             except Exception as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=work, args=(n,)) for n in models]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(work, [(n,) for n in models])
         assert not errors
         assert cache.stats()["onnxruntime.sessions.created"] == 1
         assert device.process_bytes() == cache.stats()["device.accounted_bytes"]
