@@ -9,6 +9,7 @@ with the same interface, so backends have one code path.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from typing import Any, Dict, List, Optional
 
@@ -159,7 +160,6 @@ def stream_ordered(device: int) -> bool:
     does not wait for other models' copies and runs in flight; with the pool's default release
     threshold (0) the memory goes back to the driver at the stream's next synchronize, where
     NVML sees it. Off with ``MODELCACHE_STREAM_ORDERED_ALLOC=0`` or where pools are unsupported."""
-    import os
     if os.environ.get("MODELCACHE_STREAM_ORDERED_ALLOC", "1") == "0":
         return False
     if device not in _pools_supported:
