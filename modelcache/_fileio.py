@@ -5,7 +5,7 @@ import hashlib
 import os
 import re
 import tempfile
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from .errors import CorruptFileError
 
@@ -61,6 +61,21 @@ def read_verified(path: str, sha256: Optional[str], *, model: Optional[str] = No
             raise CorruptFileError(f"{path} fails its sha256 check (expected {sha256[:16]}..., "
                                    f"found {actual[:16]}...): the file was changed or truncated", model=model)
     return data
+
+
+def read_into(f: Any, view: memoryview, digest: Any = None, chunk: int = 64 << 20) -> int:
+    """Fill ``view`` from the open file ``f`` in ``chunk``-byte reads (no intermediate copies),
+    feeding ``digest`` (a hashlib object) if given. Returns the bytes read: less than the view
+    if the file ended first."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:got + chunk])
+        if not n:
+            break
+        if digest is not None:
+            digest.update(view[got:got + n])
+        got += n
+    return got
 
 
 def sha256_file(path: str) -> str:

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._fileio import atomic_write, model_file, read_verified, remove_quietly
+from .._fileio import atomic_write, model_file, read_into, read_verified, remove_quietly
 from ..cuda import DeviceBuffer, HostBlock, HostPool, PinnedPool, StreamPool, align, device_pointer
 from ..errors import ConfigError, CorruptFileError, ModelCacheError, ModelInputError, UnsupportedModelError
 from ..tiers import Tier
@@ -1102,15 +1102,12 @@ def _read_external(name: str, init: Any, base_dir: Optional[str], out: np.ndarra
     if length is not None and length != out.nbytes:
         raise InvalidModelError(f"initializer {init.name!r}: external data length {length} B, but its shape "
                                 f"and type need {out.nbytes} B", model=name)
-    view = memoryview(out)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        got = 0
-        while got < out.nbytes:
-            n = f.readinto(view[got:got + 64 * MiB])
-            if not n:
-                break
-            got += n
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            got = read_into(f, memoryview(out))
+    except OSError as exc:
+        raise InvalidModelError(f"initializer {init.name!r}: cannot read {path}: {exc}", model=name) from exc
     if got != out.nbytes:
         raise InvalidModelError(f"initializer {init.name!r}: {path} ends after {got} of {out.nbytes} B "
                                 f"(offset {offset})", model=name)
@@ -1270,16 +1267,9 @@ def _read_into(path: str, block: HostBlock, nbytes: int, sha256: str, name: str)
     """Read ``path`` straight into the (pinned) block, checking size and sha256."""
     import hashlib
     digest = hashlib.sha256()
-    view = memoryview(block.array)[:nbytes]
     try:
         with open(path, "rb") as f:
-            got = 0
-            while got < nbytes:
-                n = f.readinto(view[got:got + (64 * MiB)])
-                if not n:
-                    break
-                digest.update(view[got:got + n])
-                got += n
+            got = read_into(f, memoryview(block.array)[:nbytes], digest)
             extra = f.read(1)
     except OSError as exc:
         raise CorruptFileError(f"cannot read {path}: {exc}", model=name) from exc
