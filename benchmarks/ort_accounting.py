@@ -13,7 +13,7 @@ import threading
 
 import modelcache as mc
 from modelcache.sizes import parse_size
-from modelcache.stress import generate_models
+from modelcache.tools.stress import generate_models
 
 MiB = 1 << 20
 

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from modelcache.generate import make_mlp, save_model  # noqa: E402
+from modelcache.tools.generate import make_mlp, save_model  # noqa: E402
 
 
 def relocated(onnx, path: str, location: str) -> bytes:
@@ -55,7 +55,7 @@ def main() -> None:
     pageable = np.frombuffer(data, np.uint8).copy()
     pinned = None
     if gpu:
-        from modelcache.cuda import PinnedPool
+        from modelcache.devices.cuda import PinnedPool
         pool = PinnedPool()
         block = pool.get(len(data))
         block.array[:len(data)] = pageable

@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import modelcache as mc  # noqa: E402
-from modelcache.stress import generate_models  # noqa: E402
+from modelcache.tools.stress import generate_models  # noqa: E402
 
 GiB = 1 << 30
 

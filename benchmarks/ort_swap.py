@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import modelcache as mc  # noqa: E402
-from modelcache.generate import make_mlp, save_model  # noqa: E402
+from modelcache.tools.generate import make_mlp, save_model  # noqa: E402
 
 MiB = 1 << 20
 
@@ -170,7 +170,7 @@ def _floor(nbytes: int, gpu: bool, cycles: int) -> float:
     if not gpu:
         src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
         return median([timed(lambda: np.copyto(dst, src))[0] for _ in range(cycles)])
-    from modelcache.cuda import DeviceBuffer, PinnedPool, Stream
+    from modelcache.devices.cuda import DeviceBuffer, PinnedPool, Stream
     pool, stream = PinnedPool(), Stream(0)
     block = pool.get(nbytes)
     block.array[:] = 1

@@ -10,7 +10,8 @@ demand, with device memory readings (NVML, or a simulated device) deciding what 
         ...
 
 Importing this package needs none of the heavy optional packages (onnxruntime, tensorrt,
-cuda-python, nvidia-ml-py): backends and monitors import them when first used.
+cuda-python, nvidia-ml-py): backends and devices import them when first used. The command-line
+tools live in ``modelcache.tools`` (not imported here).
 """
 from .backends import Backend, BackendContext, Handle, register_backend
 from .cache import Lease, ModelCache
@@ -19,7 +20,7 @@ from .errors import (BackendError, CacheClosedError, ConfigError, CorruptFileErr
                      EngineDeserializationError, LeaseTimeoutError, LoaderError, ModelInputError,
                      ModelCacheError, ModelInUseError, ModelNotFoundError, ModelTooLargeError, MonitorError,
                      UnsupportedModelError)
-from .monitors import DeviceMonitor, HostMonitor, MemoryReading, NvmlMonitor, SimulatedDevice
+from .devices import DeviceMonitor, HostMonitor, MemoryReading, NvmlMonitor, SimulatedDevice
 from .policies import Candidate, CostPolicy, LFUPolicy, LRUPolicy, Policy
 from .sizes import format_bytes, parse_size
 from .tiers import EntryInfo, Tier

@@ -1,9 +1,15 @@
-"""Counters and duration samples behind ``ModelCache.stats()`` (a flat dict with dotted keys)."""
+"""Counters and duration samples behind ``ModelCache.stats()``: a flat dict with dotted keys,
+declared here (:data:`COUNTERS`, :data:`DURATIONS` and :func:`cache_stats`)."""
 from __future__ import annotations
 
 import threading
 from collections import Counter, deque
-from typing import Deque, Dict, Union
+from typing import TYPE_CHECKING, Deque, Dict, Sequence, Union
+
+from .tiers import Tier
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .ledger import Entry
 
 Number = Union[int, float]
 
@@ -31,10 +37,18 @@ class Samples:
         return out
 
 
+#: event counters, reported as 0 until they happen
+COUNTERS = ("loads", "load_errors", "evictions", "evictions.room", "evictions.pressure", "evictions.explicit",
+            "demotions.disk", "demotions.unloaded", "waits.room", "errors.busy", "errors.move", "host_serves",
+            "unparks")
+#: kinds of timed moves: each gives ``KIND.count``, ``KIND.seconds.total`` and ``KIND.seconds.p50|p95|p99|max``
+DURATIONS = ("load", "swap_in", "swap_out", "to_disk", "from_disk")
+
+
 class Recorder:
     """Thread-safe counters (``incr``) and duration samples (``observe``)."""
 
-    KINDS = ("load", "swap_in", "swap_out", "to_disk", "from_disk")
+    KINDS = DURATIONS
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -55,3 +69,22 @@ class Recorder:
             for kind, samples in self.samples.items():
                 out.update(samples.summary(kind))
             return out
+
+
+def cache_stats(record: Recorder, entries: Sequence["Entry"], hits: int, misses: int,
+                accounted_bytes: int) -> Dict[str, Number]:
+    """The entries' part of ``ModelCache.stats()`` (the cache adds the device's readings and its
+    budgets): counters, durations, hits, tiers, leases and bytes."""
+    out: Dict[str, Number] = {key: 0 for key in COUNTERS}
+    out.update(record.snapshot())
+    out["hits"], out["misses"] = hits, misses
+    out["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
+    out["models"] = len(entries)
+    for tier in Tier:
+        out[f"models.{tier}"] = sum(1 for e in entries if e.tier is tier)
+    out["leases.active"] = sum(e.leases for e in entries)
+    out["device.bytes"] = sum(e.device_bytes + e.parked_bytes for e in entries)
+    out["device.parked_bytes"] = sum(e.parked_bytes for e in entries)
+    out["device.accounted_bytes"] = accounted_bytes
+    out["host.bytes"] = sum(e.host_bytes for e in entries)
+    return out

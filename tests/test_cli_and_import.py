@@ -42,5 +42,5 @@ def test_console_script_is_installed():
 
 def test_cuda_handles_convert_to_their_value():
     bindings = __import__("pytest").importorskip("cuda.bindings.runtime")
-    from modelcache.cuda import as_int
+    from modelcache.devices.cuda import as_int
     assert as_int(bindings.cudaStream_t(1234)) == 1234

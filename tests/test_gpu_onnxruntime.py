@@ -15,7 +15,7 @@ from test_gpu import record
 pytestmark = pytest.mark.gpu
 MiB, GiB = 2**20, 2**30
 ort = pytest.importorskip("onnxruntime")
-from modelcache.generate import make_mlp, save_model  # noqa: E402
+from modelcache.tools.generate import make_mlp, save_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_session_mode_and_host_serving_on_gpu(big_model):
 
 
 def test_pinned_pool_reuses_blocks():
-    from modelcache.cuda import PinnedPool
+    from modelcache.devices.cuda import PinnedPool
     pool = PinnedPool()
     a = pool.get(64 * MiB)
     assert a.pinned and a.array.nbytes >= 64 * MiB

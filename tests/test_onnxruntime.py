@@ -10,7 +10,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from modelcache.backends.onnxruntime import InvalidModelError  # noqa: E402
 from modelcache import ModelInputError  # noqa: E402
-from modelcache.generate import make_mlp, save_model  # noqa: E402
+from modelcache.tools.generate import make_mlp, save_model  # noqa: E402
 from conftest import run_threads  # noqa: E402
 
 HIDDEN = 512          # 1 MiB per weight matrix: at the default threshold
@@ -103,14 +103,14 @@ def test_weights_threshold_option(cache, tmp_path):
 
 
 def test_rewrite_that_changes_results_falls_back_to_session(cache, model_files, monkeypatch):
-    import modelcache.backends.onnxruntime as backend_module
-    real = backend_module._as_inputs
+    import modelcache.backends.onnxruntime.graph as backend_module
+    real = backend_module.as_inputs
 
     def wrong_rewrite(proto, weights, **kw):   # a rewrite that breaks the model's meaning
         proto.graph.node[-1].op_type = "Neg"
         return real(proto, weights, **kw)
 
-    monkeypatch.setattr(backend_module, "_as_inputs", wrong_rewrite)
+    monkeypatch.setattr(backend_module, "as_inputs", wrong_rewrite)
     cache.register("auto", model_files["plain"])
     with cache.use("auto") as model:
         np.testing.assert_array_equal(model.run(None, {"x": X})[0], model_files["reference"])
@@ -123,14 +123,14 @@ def test_rewrite_that_changes_results_falls_back_to_session(cache, model_files, 
 
 
 def test_rewrite_that_onnxruntime_rejects_falls_back(cache, model_files, monkeypatch):
-    import modelcache.backends.onnxruntime as backend_module
-    real = backend_module._as_inputs
+    import modelcache.backends.onnxruntime.graph as backend_module
+    real = backend_module.as_inputs
 
     def broken(proto, weights, **kw):
         proto.graph.node[0].op_type = "NoSuchOp"
         return real(proto, weights, **kw)
 
-    monkeypatch.setattr(backend_module, "_as_inputs", broken)
+    monkeypatch.setattr(backend_module, "as_inputs", broken)
     cache.register("m", model_files["plain"])
     with cache.use("m"):
         pass

@@ -4,8 +4,9 @@ import os
 import pytest
 
 import modelcache as mc
-from modelcache import stress
-from modelcache.cli import main as cli_main
+from modelcache.tools import stress
+from modelcache.tools.stress import run as stress_run
+from modelcache.tools.cli import main as cli_main
 
 pytest.importorskip("onnxruntime")
 
@@ -32,7 +33,7 @@ def test_stress_runs_checks_every_response_and_writes_json_and_png(tmp_path, cap
 
 
 def test_wrong_outputs_give_a_nonzero_exit(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(stress, "output_ok", lambda out, ref: False)
+    monkeypatch.setattr(stress_run, "output_ok", lambda out, ref: False)
     args = SMALL + ["--models-dir", str(tmp_path / "models"), "--baselines", "naive"]
     assert cli_main(["stress"] + args) == 1
     assert "wrong" in capsys.readouterr().out
@@ -42,7 +43,7 @@ def test_out_of_memory_gives_a_nonzero_exit(tmp_path, monkeypatch, capsys):
     def no_memory(self, spec):
         raise mc.DeviceOutOfMemoryError("out of memory on the simulated GPU", model=spec.name)
 
-    monkeypatch.setattr(stress._SessionContender, "_create", no_memory)
+    monkeypatch.setattr(stress.contenders._SessionContender, "_create", no_memory)
     args = SMALL + ["--models-dir", str(tmp_path / "models"), "--baselines", "lru-count", "--policies", "lru"]
     assert cli_main(["stress"] + args) == 1
     out = capsys.readouterr().out
@@ -70,8 +71,8 @@ def test_demo_finishes_with_table_json_and_plot(tmp_path, capsys):
 
 
 def test_status_and_bench(tmp_path, capsys):
-    from modelcache.generate import make_mlp, save_model
-    from modelcache.status import cache_table, gpu_table, report
+    from modelcache.tools.generate import make_mlp, save_model
+    from modelcache.tools.status import cache_table, gpu_table, report
     rows = gpu_table()
     assert rows and ("no GPU table" in rows[0] or "gpu" in rows[0])
     path = save_model(make_mlp(512, 2), str(tmp_path / "m.onnx"))   # 1 MiB weights: weights mode
@@ -81,7 +82,7 @@ def test_status_and_bench(tmp_path, capsys):
             pass
         table = cache_table(cache.status())
         assert "m " in table[-1] and "device" in table[-1] and "weights" in table[-1]
-        assert "policy lru" in report()
+        assert "policy lru" in report([cache])
         cache.dump_status(str(tmp_path / "status.json"))
     assert cli_main(["status", "--cache", str(tmp_path / "status.json")]) == 0
     assert "hit rate" in capsys.readouterr().out

@@ -10,11 +10,11 @@ import pytest
 import modelcache as mc
 import trt_double
 from conftest import array_loader
-from modelcache.backends.tensorrt_build import BuildCache, environment, parse_shapes, profiles_from_shapes
-from modelcache.cli import main as cli_main
+from modelcache.backends.tensorrt.build import BuildCache, environment, parse_shapes, profiles_from_shapes
+from modelcache.tools.cli import main as cli_main
 
 onnx = pytest.importorskip("onnx")
-from modelcache.generate import make_mlp, save_model  # noqa: E402
+from modelcache.tools.generate import make_mlp, save_model  # noqa: E402
 
 try:
     import tensorrt_rtx_bindings as rtx
@@ -49,7 +49,7 @@ def reset_double():
 # ------------------------------------------------------------------ real TensorRT-RTX, CPU only
 @needs_rtx
 def test_onnx_to_plan_then_cache_hit(tmp_path, onnx_path):
-    cache = BuildCache(str(tmp_path / "plans"), rtx, simulated=True)
+    cache = BuildCache(str(tmp_path / "plans"), rtx, facts={})
     plan_path, sidecar, hit = cache.get(onnx_path, {"profiles": PROFILE, "workspace": "64MiB"})
     assert not hit and os.path.getsize(plan_path) > 1000
     assert sidecar["trt_module"] == "tensorrt_rtx_bindings" and sidecar["trt_version"] == rtx.__version__
@@ -66,7 +66,7 @@ def test_onnx_to_plan_then_cache_hit(tmp_path, onnx_path):
 
 @needs_rtx
 def test_concurrent_builds_of_one_key_build_once(tmp_path, onnx_path):
-    cache = BuildCache(str(tmp_path / "plans"), rtx, simulated=True)
+    cache = BuildCache(str(tmp_path / "plans"), rtx, facts={})
     results = []
     threads = [threading.Thread(target=lambda: results.append(cache.get(onnx_path, {"profiles": PROFILE})))
                for _ in range(8)]
@@ -80,7 +80,7 @@ def test_concurrent_builds_of_one_key_build_once(tmp_path, onnx_path):
 
 @needs_rtx
 def test_damaged_cache_entry_is_rebuilt(tmp_path, onnx_path):
-    cache = BuildCache(str(tmp_path / "plans"), rtx, simulated=True)
+    cache = BuildCache(str(tmp_path / "plans"), rtx, facts={})
     plan_path, _, _ = cache.get(onnx_path, {"profiles": PROFILE})
     with open(plan_path, "r+b") as f:
         f.write(b"\0" * 16)
@@ -93,7 +93,7 @@ def test_bad_onnx_gives_build_error(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx at all")
     with pytest.raises(mc.EngineBuildError, match="parse"):
-        BuildCache(str(tmp_path / "plans"), rtx, simulated=True).get(str(bad))
+        BuildCache(str(tmp_path / "plans"), rtx, facts={}).get(str(bad))
 
 
 @needs_rtx
@@ -115,7 +115,7 @@ def test_rtx_plan_through_the_cache_refused_without_gpu(sim_cache, onnx_path):
 @needs_rtx
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "corrupt"])
 def test_bad_plans_raise_with_tensorrts_message(sim_cache, tmp_path, onnx_path, damage):
-    plan_path, _, _ = BuildCache(str(tmp_path / "plans"), rtx, simulated=True).get(onnx_path, {"profiles": PROFILE})
+    plan_path, _, _ = BuildCache(str(tmp_path / "plans"), rtx, facts={}).get(onnx_path, {"profiles": PROFILE})
     plan = open(plan_path, "rb").read()
     bad = {"garbage": b"garbage!" * 512, "truncated": plan[: len(plan) // 3],
            "corrupt": plan[:64] + bytes(b ^ 0x5A for b in plan[64:256]) + plan[256:]}[damage]
@@ -131,7 +131,7 @@ def test_bad_plans_raise_with_tensorrts_message(sim_cache, tmp_path, onnx_path, 
 
 @needs_rtx
 def test_plan_and_sidecar_on_disk_checksum_verified(sim_cache, tmp_path, onnx_path):
-    plan_path, sidecar, _ = BuildCache(str(tmp_path / "plans"), rtx, simulated=True).get(onnx_path,
+    plan_path, sidecar, _ = BuildCache(str(tmp_path / "plans"), rtx, facts={}).get(onnx_path,
                                                                                           {"profiles": PROFILE})
     sim_cache.register("p", plan_path, backend="tensorrt", trt_module=rtx)
     sim_cache.prefetch("p", tier=mc.Tier.HOST).result(30)
@@ -157,7 +157,7 @@ def test_plan_and_sidecar_on_disk_checksum_verified(sim_cache, tmp_path, onnx_pa
 
 @needs_rtx
 def test_compatibility_mismatch_is_detected(sim_cache, tmp_path, onnx_path):
-    plan_path, sidecar, _ = BuildCache(str(tmp_path / "plans"), rtx, simulated=True).get(onnx_path,
+    plan_path, sidecar, _ = BuildCache(str(tmp_path / "plans"), rtx, facts={}).get(onnx_path,
                                                                                           {"profiles": PROFILE})
     foreign = tmp_path / "foreign.plan"
     foreign.write_bytes(open(plan_path, "rb").read())
@@ -318,7 +318,7 @@ def test_double_refuses_bad_plans_like_tensorrt(sim_cache):
 
 
 def test_incompatible_plan_is_rebuilt_from_its_onnx(tmp_path, onnx_path, monkeypatch):
-    plan_path, sidecar, _ = BuildCache(str(tmp_path / "plans"), trt_double, simulated=True).get(
+    plan_path, sidecar, _ = BuildCache(str(tmp_path / "plans"), trt_double, facts={}).get(
         onnx_path, {"profiles": PROFILE})
     assert sidecar["trt_version"] == "10.99.0" and sidecar["onnx_path"] == os.path.abspath(onnx_path)
     monkeypatch.setattr(trt_double, "__version__", "10.100.0")      # a later process, TensorRT upgraded
@@ -340,7 +340,7 @@ def test_auto_detection_and_environment(sim_cache, tmp_path):
     with sim_cache.use("auto") as model:
         run_and_check(model)
     assert sim_cache.info("auto").backend == "tensorrt"
-    env = environment(trt_double, simulated=True)
+    env = environment(trt_double)
     assert env["trt_module"] == "trt_double" and env["trt_version"] == trt_double.__version__
     assert env["gpu_name"] is None
 

@@ -5,7 +5,7 @@ import random
 import pytest
 
 import modelcache as mc
-from modelcache.workload import belady_hits, brute_force_hits, make_trace, read_trace, zipf_weights
+from modelcache.tools.stress.workload import belady_hits, brute_force_hits, make_trace, read_trace, zipf_weights
 
 NAMES = [f"m{i}" for i in range(10)]
 

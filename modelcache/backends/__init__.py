@@ -16,8 +16,8 @@ from .base import Backend, BackendContext, Handle
 #: name -> "module:Class", imported on first use
 BUILTIN: Dict[str, str] = {
     "python": "modelcache.backends.python:PythonBackend",
-    "onnxruntime": "modelcache.backends.onnxruntime:OnnxRuntimeBackend",
-    "tensorrt": "modelcache.backends.tensorrt:TensorRTBackend",
+    "onnxruntime": "modelcache.backends.onnxruntime.backend:OnnxRuntimeBackend",
+    "tensorrt": "modelcache.backends.tensorrt.backend:TensorRTBackend",
 }
 #: detection order for backend="auto": most specific first, "python" last
 AUTO_ORDER: List[str] = ["tensorrt", "onnxruntime", "python"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional
 
 from ..errors import ConfigError
-from ..monitors.base import DeviceMonitor
+from ..devices.base import DeviceMemory, DeviceMonitor
 from ..tiers import Tier
 
 
@@ -63,6 +63,11 @@ class BackendContext:
     device: int
     monitor: DeviceMonitor
     disk_dir: Optional[str]
+
+    @property
+    def memory(self) -> DeviceMemory:
+        """The device's memory operations (the same calls on a GPU and on a simulated device)."""
+        return self.monitor.memory
 
 
 class Backend(ABC):

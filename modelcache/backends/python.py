@@ -1,10 +1,10 @@
 """The "python" backend: plain objects whose size is known.
 
 Accepts numpy arrays, bytes, anything with an ``nbytes`` attribute, torch tensors and modules,
-lists/tuples/dicts of those, or any object when ``size_hint`` is given. On a
-:class:`SimulatedDevice` the device tier is an allocation of the object's bytes on the simulated
-device; on a real GPU torch objects are moved with ``.to("cuda:N")`` and other objects are only
-accounted. The disk tier writes ``.npy`` for numpy arrays and pickles otherwise.
+lists/tuples/dicts of those, or any object when ``size_hint`` is given. On the device tier torch
+objects are moved with ``.to(memory.torch_device)`` and the object's bytes are charged to the
+device (booked on a simulated device; on a GPU torch's own allocation shows, and other objects are
+only accounted by the cache). The disk tier writes ``.npy`` for numpy arrays and pickles otherwise.
 """
 from __future__ import annotations
 
@@ -50,8 +50,11 @@ def _torch_kind(value: Any) -> Optional[str]:
 
 def _return_cached_cuda_memory() -> None:
     """torch keeps freed blocks in its caching allocator, invisible to other processes and to
-    NVML's free memory: hand them back so the eviction shows as free memory."""
-    sys.modules["torch"].cuda.empty_cache()
+    NVML's free memory: hand them back so the eviction shows as free memory (a no-op where torch
+    never used CUDA)."""
+    cuda = sys.modules["torch"].cuda
+    if cuda.is_initialized():
+        cuda.empty_cache()
 
 
 def _is_torch_module(value: Any) -> bool:
@@ -64,7 +67,7 @@ class PythonHandle(Handle):
         self.obj = obj
         self.nbytes = nbytes
         self.host_bytes = nbytes
-        self.allocation: Any = None    # SimulatedAllocation while on a simulated device
+        self.charge: Any = None        # devices.Charge while on the device
         self.sha256: Optional[str] = None
         self.format: Optional[str] = None
 
@@ -97,22 +100,30 @@ class PythonBackend(Backend):
         return PythonHandle(name, value, int(nbytes))
 
     def _to_device_impl(self, handle: PythonHandle) -> None:
-        monitor = self.context.monitor
-        if monitor.simulated:
-            handle.allocation = monitor.allocate(handle.nbytes, owner=handle.name)  # type: ignore[attr-defined]
-        elif _torch_kind(handle.obj) is not None:
-            handle.obj = handle.obj.to(f"cuda:{self.context.device}")
+        memory = self.context.memory
+        charge = memory.charge(handle.nbytes, owner=handle.name)
+        try:
+            if _torch_kind(handle.obj) is not None:
+                handle.obj = handle.obj.to(memory.torch_device)
+        except BaseException:
+            charge.free()
+            raise
+        handle.charge = charge
         handle.device_bytes = handle.nbytes
         handle.host_bytes = 0
 
     def _to_host_impl(self, handle: PythonHandle) -> None:
-        if handle.allocation is not None:
-            handle.allocation.free()
-            handle.allocation = None
-        elif _torch_kind(handle.obj) is not None:
+        if _torch_kind(handle.obj) is not None:
             handle.obj = handle.obj.to("cpu")
             _return_cached_cuda_memory()
+        self._uncharge(handle)
         handle.host_bytes = handle.nbytes
+
+    @staticmethod
+    def _uncharge(handle: PythonHandle) -> None:
+        if handle.charge is not None:
+            handle.charge.free()
+            handle.charge = None
 
     def _to_disk_impl(self, handle: PythonHandle, directory: str) -> None:
         obj = handle.obj
@@ -140,13 +151,11 @@ class PythonBackend(Backend):
         handle.obj, handle.disk_path, handle.host_bytes = obj, None, handle.nbytes
 
     def _release_impl(self, handle: PythonHandle) -> None:
-        if handle.allocation is not None:
-            handle.allocation.free()
-            handle.allocation = None
+        self._uncharge(handle)
         remove_quietly(handle.disk_path)
-        on_gpu = handle.tier is Tier.DEVICE and _torch_kind(handle.obj) is not None
+        on_device = handle.tier is Tier.DEVICE and _torch_kind(handle.obj) is not None
         handle.obj = None
-        if on_gpu:
+        if on_device:
             _return_cached_cuda_memory()
 
     def _model_impl(self, handle: PythonHandle) -> Any:

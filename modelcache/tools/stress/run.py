@@ -20,35 +20,23 @@ memory and out-of-memory failures are measured the same way for everyone.
 """
 from __future__ import annotations
 
-import collections
 import gc
 import json
-import math
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, DeviceOutOfMemoryError, ModelCacheError
-from .monitors import DeviceMonitor, NvmlMonitor, SimulatedDevice
-from .sizes import Size, format_bytes, parse_size
-from .tiers import Tier
+from ...devices import DeviceMonitor, NvmlMonitor, SimulatedDevice
+from ...errors import ConfigError, DeviceOutOfMemoryError, ModelCacheError
+from ...sizes import Size, format_bytes, parse_size
+from .contenders import Contender, LruCountContender, ModelCacheContender, NaiveContender
+from .models import ModelSpec, generate_models, output_ok, specs_from_files
 from .workload import belady_hits, make_trace, read_trace
-
-MiB = 1 << 20
-
-
-@dataclass
-class ModelSpec:
-    name: str
-    path: str
-    nbytes: int                 #: weights bytes
-    x: np.ndarray               #: the input every request sends
-    reference: np.ndarray       #: the expected output
 
 
 @dataclass
@@ -115,300 +103,6 @@ class Result:
                     out[f"{label}_p99_ms"] = float(np.percentile(lat[mask], 99) * 1e3)
         out.update(self.extra)
         return out
-
-
-# ----------------------------------------------------------------------------- models
-def generate_models(folder: str, count: int, min_bytes: int, max_bytes: int, layers: int = 4,
-                    seed: int = 0) -> List[ModelSpec]:
-    """``count`` ONNX MLPs with weights spread log-uniformly over [min_bytes, max_bytes], saved with
-    external data under ``folder`` (reused when already there), with a reference output each.
-    The weights are written straight to the data file (no copy through protobuf): 40 models of
-    up to 1 GiB take seconds, not minutes."""
-    from onnx import TensorProto, helper
-
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    lo, hi = math.log(max(min_bytes, 4096)), math.log(max(max_bytes, min_bytes, 4096))
-    specs = []
-    pool: Optional[np.ndarray] = None   # random floats; each weight matrix is a slice at a random offset
-    for k in range(count):
-        target = math.exp(rng.uniform(lo, hi)) if hi > lo else math.exp(lo)
-        hidden = max(16, int(round(math.sqrt(target / 4 / layers) / 16)) * 16)
-        name = f"mlp{k:02d}-{hidden}"
-        path = os.path.join(folder, f"{name}.onnx")
-        ref_path = path + ".ref.npz"
-        x = rng.standard_normal((1, hidden)).astype(np.float32)
-        if not (os.path.exists(path) and os.path.exists(ref_path)):
-            mrng = np.random.default_rng([seed, k])
-            if pool is None or pool.size < 2 * hidden * hidden:
-                pool = np.random.default_rng([seed, 1 << 20]).standard_normal(
-                    max(2 * hidden * hidden, 1 << 26), dtype=np.float32)
-                pool *= np.float32(1.7 / 64)      # ~ 1.7 / sqrt(hidden) at hidden 4096: outputs stay moderate
-            data_name = os.path.basename(path) + ".data"
-            h = x.copy()
-            inits, nodes, current = [], [], "x"
-            nbytes = hidden * hidden * 4
-            with open(path + ".data.tmp", "wb") as f:
-                for i in range(layers):
-                    offset = int(mrng.integers(0, pool.size - hidden * hidden + 1))
-                    w = pool[offset:offset + hidden * hidden].reshape(hidden, hidden)
-                    h = h @ w
-                    if i < layers - 1:
-                        h = np.maximum(h, 0)
-                    w.tofile(f)
-                    del w
-                    init = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[hidden, hidden],
-                                       data_location=TensorProto.EXTERNAL)
-                    for key, val in (("location", data_name), ("offset", str(i * nbytes)), ("length", str(nbytes))):
-                        entry = init.external_data.add()
-                        entry.key, entry.value = key, val
-                    inits.append(init)
-                    nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"]))
-                    current = f"h{i}"
-                    if i < layers - 1:
-                        nodes.append(helper.make_node("Relu", [current], [f"r{i}"]))
-                        current = f"r{i}"
-            nodes.append(helper.make_node("Identity", [current], ["y"]))
-            graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
-                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])], inits)
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            model.ir_version = 9
-            os.replace(path + ".data.tmp", os.path.join(folder, data_name))
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
-            os.replace(tmp, path)
-            np.savez(ref_path, x=x, y=h)
-        ref = np.load(ref_path)
-        specs.append(ModelSpec(name, path, layers * hidden * hidden * 4, ref["x"], ref["y"]))
-    return specs
-
-
-def specs_from_files(paths: Sequence[str]) -> List[ModelSpec]:
-    """The user's own ONNX files: a sample input each, the reference from a CPU session."""
-    import onnxruntime as ort
-    from .backends.onnxruntime import _sample_feed
-    specs = []
-    for path in paths:
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        inputs = session.get_inputs()
-        if len(inputs) != 1:
-            raise ConfigError(f"{path}: stress models must have one input (this one has {len(inputs)})")
-        x = _sample_feed(inputs)[inputs[0].name]
-        y = session.run(None, {inputs[0].name: x})[0]
-        nbytes = sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.exists(p))
-        specs.append(ModelSpec(os.path.splitext(os.path.basename(path))[0], path, nbytes, x, y))
-    return specs
-
-
-def output_ok(out: np.ndarray, ref: np.ndarray) -> bool:
-    """Loose enough for TF32 and summation order, tight enough to catch another model's output."""
-    scale = float(np.max(np.abs(ref))) or 1.0
-    return out.shape == ref.shape and bool(np.allclose(out, ref, rtol=2e-2, atol=2e-2 * scale))
-
-
-# ----------------------------------------------------------------------------- contenders
-class Contender:
-    """One way of serving the trace. Device memory is this process's growth since the contender
-    started (NVML), or its allocations on a simulated device."""
-
-    name = "contender"
-
-    def __init__(self, monitor: DeviceMonitor) -> None:
-        self.monitor = monitor
-        self._base = 0 if monitor.simulated else (monitor.process_bytes() or 0)
-
-    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
-        """Run ``spec`` on its input: (output, hit)."""
-        raise NotImplementedError
-
-    def device_bytes(self) -> int:
-        return (self.monitor.process_bytes() or 0) - self._base
-
-    def tiers(self) -> Tuple[int, int]:
-        """(models on the device, models on the host)."""
-        return (0, 0)
-
-    def swap_ins(self) -> int:
-        return 0
-
-    def median_swap_in(self) -> Optional[float]:
-        return None
-
-    def extra(self) -> Dict[str, Any]:
-        """Figures of the contender's own, for the report (after the run)."""
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-class ModelCacheContender(Contender):
-    def __init__(self, policy: str, specs: Sequence[ModelSpec], monitor: DeviceMonitor, budget: int,
-                 reserve: int, max_swap_ins: Optional[int] = None) -> None:
-        from .cache import ModelCache
-        self.name = f"modelcache-{policy}"
-        self.cache = ModelCache(monitor=monitor, device_budget=budget, reserve=reserve, policy=policy, max_swap_ins=max_swap_ins,
-                                watch_interval=0.1)
-        threshold = min(MiB, min(s.nbytes for s in specs) // 8)
-        for spec in specs:
-            self.cache.register(spec.name, spec.path, backend="onnxruntime", mode="weights", verify=False,
-                                host_session=False, weights_threshold=max(threshold, 1024))
-        futures = [self.cache.prefetch(spec.name, tier=Tier.HOST, timeout=None) for spec in specs]
-        for fut in futures:
-            fut.result()
-        super().__init__(monitor)     # the baseline: after parking every model on the host
-
-    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
-        lease = self.cache.use(spec.name, timeout=300)
-        model = lease.acquire()
-        try:
-            return model.run(None, {"x": spec.x})[0], bool(lease.hit)
-        finally:
-            lease.release()
-
-    def tiers(self) -> Tuple[int, int]:
-        stats = self.cache.stats()
-        return stats["models.device"], stats["models.host"]
-
-    def swap_ins(self) -> int:
-        return int(self.cache.stats().get("swap_in.count", 0))
-
-    def median_swap_in(self) -> Optional[float]:
-        return self.cache.stats().get("swap_in.seconds.p50")
-
-    def extra(self) -> Dict[str, Any]:
-        stats = self.cache.stats()
-        keys = ("swap_in.seconds.p95", "swap_in.seconds.p99", "swap_in.seconds.max", "swap_out.seconds.p50",
-                "swap_out.seconds.p99", "waits.room", "evictions", "unparks", "onnxruntime.sessions",
-                "onnxruntime.sessions.bytes", "onnxruntime.sessions.created")
-        return {f"cache.{k}": stats[k] for k in keys if k in stats}
-
-    def close(self) -> None:
-        self.cache.close()
-
-
-class _SessionContender(Contender):
-    """Shared by the baselines: stock ONNX Runtime sessions created from the model file."""
-
-    def __init__(self, monitor: DeviceMonitor) -> None:
-        import onnxruntime as ort
-        super().__init__(monitor)
-        self.ort = ort
-        self.providers = ["CPUExecutionProvider"] if monitor.simulated else \
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self._loads = 0
-        self._load_times: List[float] = []
-        self._lock = threading.Lock()
-
-    def _create(self, spec: ModelSpec) -> Tuple[Any, Any]:
-        allocation = None
-        if self.monitor.simulated:   # a stock session holds its weights on the device
-            allocation = self.monitor.allocate(spec.nbytes, owner=spec.name)  # type: ignore[attr-defined]
-        start = time.perf_counter()
-        try:
-            session = self.ort.InferenceSession(spec.path, providers=self.providers)
-        except BaseException:
-            if allocation is not None:
-                allocation.free()
-            raise
-        with self._lock:
-            self._loads += 1
-            self._load_times.append(time.perf_counter() - start)
-        return session, allocation
-
-    def swap_ins(self) -> int:
-        return self._loads
-
-    def median_swap_in(self) -> Optional[float]:
-        with self._lock:
-            return float(np.median(self._load_times)) if self._load_times else None
-
-    def close(self) -> None:
-        """Drop every session now, so the next contender starts from a quiet device."""
-        for allocation in self._drop_sessions():
-            if allocation is not None:
-                allocation.free()
-
-    def _drop_sessions(self) -> List[Any]:
-        return []
-
-
-class LruCountContender(_SessionContender):
-    """LRU by model count (Ray Serve's max_num_models_per_replica)."""
-
-    def __init__(self, count: int, monitor: DeviceMonitor) -> None:
-        super().__init__(monitor)
-        self.name = "lru-count"
-        self.count = count
-        self.sessions: "collections.OrderedDict[str, Tuple[Any, Any]]" = collections.OrderedDict()
-        self.loading: Dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
-
-    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
-        with self._lock:
-            entry = self.sessions.get(spec.name)
-            if entry is not None:
-                self.sessions.move_to_end(spec.name)
-            load_lock = self.loading[spec.name]
-        hit = entry is not None      # a hit: resident on arrival (waiting for a load is a miss)
-        if entry is None:
-            with load_lock:          # one load per model id at a time, as Ray Serve does
-                with self._lock:
-                    entry = self.sessions.get(spec.name)
-                if entry is None:
-                    entry = self._create(spec)
-                    evicted = []
-                    with self._lock:
-                        self.sessions[spec.name] = entry
-                        while len(self.sessions) > self.count:
-                            evicted.append(self.sessions.popitem(last=False)[1])
-                    for _, allocation in evicted:
-                        if allocation is not None:
-                            allocation.free()
-        return entry[0].run(None, {"x": spec.x})[0], hit
-
-    def tiers(self) -> Tuple[int, int]:
-        with self._lock:
-            return len(self.sessions), 0
-
-    def _drop_sessions(self) -> List[Any]:
-        with self._lock:
-            entries, self.sessions = list(self.sessions.values()), collections.OrderedDict()
-        return [allocation for _, allocation in entries]
-
-
-class NaiveContender(_SessionContender):
-    """The seed's recipe: load on a miss, unload the rest (one model on the device at a time)."""
-
-    def __init__(self, monitor: DeviceMonitor) -> None:
-        super().__init__(monitor)
-        self.name = "naive"
-        self.current: Optional[Tuple[str, Any, Any]] = None
-        self._serve_lock = threading.Lock()
-
-    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
-        current = self.current
-        resident = current is not None and current[0] == spec.name   # on arrival
-        with self._serve_lock:
-            hit = resident and self.current is current
-            if not (self.current is not None and self.current[0] == spec.name):
-                if self.current is not None:
-                    _, _, allocation = self.current
-                    self.current = None          # drop the session: its device memory goes
-                    if allocation is not None:
-                        allocation.free()
-                session, allocation = self._create(spec)
-                self.current = (spec.name, session, allocation)
-            assert self.current is not None
-            return self.current[1].run(None, {"x": spec.x})[0], hit
-
-    def tiers(self) -> Tuple[int, int]:
-        return (1 if self.current else 0), 0
-
-    def _drop_sessions(self) -> List[Any]:
-        with self._serve_lock:
-            current, self.current = self.current, None
-        return [current[2]] if current is not None else []
 
 
 # ----------------------------------------------------------------------------- running
@@ -633,5 +327,5 @@ def failed(report: Dict[str, Any]) -> bool:
 
 
 def save_json(report: Dict[str, Any], path: str) -> None:
-    from ._fileio import atomic_write
+    from ..._fileio import atomic_write
     atomic_write(path, json.dumps(report, indent=1).encode())

@@ -1,28 +1,25 @@
-"""CUDA memory work through cuda-python (``cuda-bindings``), imported lazily.
+"""The CUDA implementation of :class:`DeviceMemory`, through cuda-python (``cuda-bindings``),
+imported lazily.
 
 Pinned host blocks (pooled: pinning runs at ~2 GB/s, so blocks are reused), device buffers and
-asynchronous copies on a stream. Everything uses the CUDA runtime API and therefore the device's
-primary context, which ONNX Runtime, torch and ``pycuda.autoprimaryctx`` share: pointers from
-any of them can be mixed. Without a GPU, :class:`HostPool` gives plain (pageable) numpy blocks
-with the same interface, so backends have one code path.
+asynchronous copies on a stream per thread. Everything uses the CUDA runtime API and therefore the
+device's primary context, which ONNX Runtime, torch and ``pycuda.autoprimaryctx`` share: pointers
+from any of them can be mixed.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
 
-from .errors import DeviceOutOfMemoryError, ModelCacheError
+from ..errors import DeviceOutOfMemoryError, ModelCacheError
+from .base import Buffer, Charge, DeviceMemory, Runner, ThreadRunner
+from .host import HostBlock, HostPool
 
-_ALIGN = 256
-
-
-def align(nbytes: int, alignment: int = _ALIGN) -> int:
-    return (nbytes + alignment - 1) // alignment * alignment
-
+T = TypeVar("T")
 
 def runtime() -> Any:
     """The ``cuda.bindings.runtime`` module (``cuda.cudart`` on older cuda-python)."""
@@ -65,76 +62,6 @@ def as_int(value: Any) -> int:
 _ptr = as_int
 
 
-class HostBlock:
-    """A block of host memory; ``array`` is a uint8 numpy view of it, ``ptr`` its address."""
-
-    __slots__ = ("ptr", "nbytes", "array", "pinned", "_owner")
-
-    def __init__(self, ptr: int, nbytes: int, array: np.ndarray, pinned: bool, owner: Any = None) -> None:
-        self.ptr, self.nbytes, self.array, self.pinned, self._owner = ptr, nbytes, array, pinned, owner
-
-    def view(self, offset: int, nbytes: int, dtype: Any, shape: Any) -> np.ndarray:
-        return self.array[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-class HostPool:
-    """Reusable host blocks. The base class gives pageable numpy blocks (machines without CUDA);
-    :class:`PinnedPool` gives page-locked ones. Freed blocks are kept (up to ``max_idle_bytes``)
-    and handed out again to requests they fit (best fit). Thread-safe."""
-
-    pinned = False
-
-    def __init__(self, max_idle_bytes: int = 4 << 30) -> None:
-        self.max_idle_bytes = max_idle_bytes
-        self._free: List[HostBlock] = []
-        self._lock = threading.Lock()
-        self.allocated_bytes = 0      #: bytes allocated from the system and not yet returned
-        self.allocations = 0          #: system allocations made (a low count means reuse works)
-
-    def get(self, nbytes: int) -> HostBlock:
-        want = align(max(nbytes, 1))
-        with self._lock:
-            fits = [b for b in self._free if want <= b.nbytes <= 2 * want]
-            if fits:
-                block = min(fits, key=lambda b: b.nbytes)
-                self._free.remove(block)
-                return block
-        block = self._allocate(want)
-        with self._lock:
-            self.allocated_bytes += block.nbytes
-            self.allocations += 1
-        return block
-
-    def put(self, block: HostBlock) -> None:
-        with self._lock:
-            self._free.append(block)
-            idle = sum(b.nbytes for b in self._free)
-            while idle > self.max_idle_bytes and self._free:
-                oldest = self._free.pop(0)
-                idle -= oldest.nbytes
-                self.allocated_bytes -= oldest.nbytes
-                self._release(oldest)
-
-    @property
-    def idle_bytes(self) -> int:
-        with self._lock:
-            return sum(b.nbytes for b in self._free)
-
-    def close(self) -> None:
-        with self._lock:
-            blocks, self._free = self._free, []
-            for block in blocks:
-                self.allocated_bytes -= block.nbytes
-                self._release(block)
-
-    def _allocate(self, nbytes: int) -> HostBlock:
-        array = np.empty(nbytes, dtype=np.uint8)
-        return HostBlock(array.ctypes.data, nbytes, array, pinned=False)
-
-    def _release(self, block: HostBlock) -> None:
-        block.array = None  # type: ignore[assignment]
-
-
 class PinnedPool(HostPool):
     """Page-locked host blocks from ``cudaMallocHost``, pooled."""
 
@@ -173,14 +100,17 @@ def stream_ordered(device: int) -> bool:
     return _pools_supported[device]
 
 
-class DeviceBuffer:
+class DeviceBuffer(Buffer):
     """``nbytes`` of device memory; :meth:`free` is idempotent. With a ``stream`` (and pools
     supported, see :func:`stream_ordered`) it is allocated and freed in that stream's order,
-    else with ``cudaMalloc``/``cudaFree`` (which synchronizes the device)."""
+    else with ``cudaMalloc``/``cudaFree`` (which synchronizes the device). With ``streams``, a
+    free without a stream uses the freeing thread's stream from that pool."""
 
-    __slots__ = ("ptr", "nbytes", "device", "ordered")
+    __slots__ = ("ptr", "nbytes", "device", "ordered", "_streams")
 
-    def __init__(self, nbytes: int, device: int, stream: Optional["Stream"] = None) -> None:
+    def __init__(self, nbytes: int, device: int, stream: Optional["Stream"] = None,
+                 streams: Optional["StreamPool"] = None) -> None:
+        self._streams = streams
         set_device(device)
         rt = runtime()
         self.ordered = stream is not None and stream_ordered(device)
@@ -199,6 +129,8 @@ class DeviceBuffer:
         if self.ptr:
             ptr, self.ptr = self.ptr, 0
             rt = runtime()
+            if stream is None and self.ordered and self._streams is not None:
+                stream = self._streams.get(self.device)
             if self.ordered and stream is not None:
                 check(rt.cudaFreeAsync(ptr, stream.handle), "cudaFreeAsync")
                 stream.synchronize()
@@ -269,3 +201,73 @@ def device_pointer(value: Any) -> int:
     if iface is not None:
         return int(iface["data"][0])
     return _ptr(value)
+
+
+def describe_device(device: int) -> Dict[str, Any]:
+    """``cuda_version``, ``gpu_name`` and ``compute_capability`` of ``device`` (None where they
+    cannot be read: no GPU, no cuda-python)."""
+    facts: Dict[str, Any] = {"cuda_version": None, "gpu_name": None, "compute_capability": None}
+    try:
+        rt = runtime()
+        version = check(rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
+        facts["cuda_version"] = f"{version // 1000}.{(version % 1000) // 10}"
+        props = check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+        name = props.name
+        facts["gpu_name"] = (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
+        facts["compute_capability"] = f"{props.major}.{props.minor}"
+    except Exception:  # no GPU, no cuda-python: leave them unknown
+        pass
+    return facts
+
+
+class CudaMemory(DeviceMemory):
+    """:class:`DeviceMemory` on a CUDA device: stream-ordered buffers on the calling thread's
+    stream, pinned host pools, a thread per runtime session, and allocations measured through
+    the monitor's per-process reading (NVML)."""
+
+    kind = "cuda"
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+        self.index = int(monitor.device)
+        self.torch_device = f"cuda:{self.index}"
+        self.streams = StreamPool()
+
+    def allocate(self, nbytes: int, owner: str = "") -> DeviceBuffer:
+        try:
+            return DeviceBuffer(nbytes, self.index, self.streams.get(self.index), streams=self.streams)
+        except DeviceOutOfMemoryError as exc:
+            raise DeviceOutOfMemoryError(exc.reason, model=owner or None) from None
+
+    def charge(self, nbytes: int, owner: str = "") -> Charge:
+        return Charge(nbytes)      # the runtime's own allocation already shows on the device
+
+    def measure(self, fn: Callable[[], T], *, expected_bytes: int, owner: str = "") -> Tuple[T, Charge]:
+        before = self.monitor.process_bytes() or 0
+        result = fn()
+        after = self.monitor.process_bytes() or 0
+        return result, Charge(max(0, after - before))
+
+    def copy_to_device(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        self.streams.get(self.index).copy_to_device(dst_ptr, src_ptr, nbytes)
+
+    def copy_to_host(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        self.streams.get(self.index).copy_to_host(dst_ptr, src_ptr, nbytes)
+
+    def synchronize(self) -> None:
+        self.streams.get(self.index).synchronize()
+
+    def stream_handle(self) -> int:
+        return as_int(self.streams.get(self.index).handle)
+
+    def new_host_pool(self) -> HostPool:
+        return PinnedPool()
+
+    def new_runner(self, label: str) -> Runner:
+        return ThreadRunner(label)
+
+    def describe(self) -> Dict[str, Any]:
+        return describe_device(self.index)
+
+    def close(self) -> None:
+        self.streams.close()

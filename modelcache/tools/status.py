@@ -1,15 +1,15 @@
 """``modelcache status``: the GPUs as NVML sees them, and caches' entries."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
-from .errors import MonitorError
-from .sizes import format_bytes
+from ..errors import MonitorError
+from ..sizes import format_bytes
 
 
 def gpu_table() -> List[str]:
     """One row per GPU (used, free, total, processes), or why there is none."""
-    from .monitors.nvml import NvmlMonitor, _nvml, _release
+    from ..devices.nvml import NvmlMonitor, _nvml, _release
     try:
         pynvml = _nvml()
     except MonitorError as exc:
@@ -53,11 +53,10 @@ def cache_table(status: Dict[str, Any]) -> List[str]:
     return rows
 
 
-def report() -> str:
-    """The GPU table and every live cache in this process, as text."""
-    from .cache import LIVE_CACHES
+def report(caches: Sequence[Any] = ()) -> str:
+    """The GPU table and each of ``caches`` (``ModelCache`` objects), as text."""
     lines = gpu_table()
-    for cache in list(LIVE_CACHES):
+    for cache in caches:
         try:
             lines += [""] + cache_table(cache.status())
         except Exception:   # a closed cache

@@ -1,17 +1,27 @@
 """A device that exists only in bookkeeping, for machines without a GPU (tests, CI, the demo).
 
-Backends allocate on it instead of on a GPU (see ``DeviceMonitor.simulated``), and a test can
-play "another process" with :meth:`SimulatedDevice.take` to create memory pressure.
+Its :class:`DeviceMemory` charges what a GPU would: buffers are real host memory (so runtimes
+read what was copied into them, and a copy that goes wrong shows), every allocation, runtime
+session and engine is booked against the device's total (a full device raises
+:class:`DeviceOutOfMemoryError`), and copies take time on a simulated link shared by the copies in
+flight. A test can play "another process" with :meth:`SimulatedDevice.take`.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import threading
-from typing import Dict, Optional, Tuple
+import time
+from typing import Callable, Dict, Optional, Tuple, TypeVar
+
+import numpy as np
 
 from ..errors import DeviceOutOfMemoryError
 from ..sizes import Size, parse_size
-from .base import DeviceMonitor
+from .base import Buffer, Charge, DeviceMemory, DeviceMonitor, InlineRunner, Runner
+from .host import HostPool
+
+T = TypeVar("T")
 
 
 class SimulatedAllocation:
@@ -99,7 +109,6 @@ class SimulatedDevice(DeviceMonitor):
         (processor sharing, re-evaluated every millisecond). Returns at once without a link."""
         if not self.link_bytes_per_s or nbytes <= 0:
             return
-        import time
         with self._link:
             key = next(self._tokens)
             self._copies[key] = float(nbytes)
@@ -141,5 +150,72 @@ class SimulatedDevice(DeviceMonitor):
                 out[owner] = out.get(owner, 0) + nbytes
             return out
 
+    @property
+    def memory(self) -> "SimulatedMemory":
+        memory = self.__dict__.get("_memory")
+        if memory is None:
+            memory = self.__dict__.setdefault("_memory", SimulatedMemory(self))
+        return memory
+
     def __repr__(self) -> str:
         return f"SimulatedDevice(total={self._total}, used={self._used})"
+
+
+class SimulatedBuffer(Buffer):
+    """A buffer on a :class:`SimulatedDevice`: host memory, booked on the device."""
+
+    __slots__ = ("ptr", "nbytes", "array", "_booking")
+
+    def __init__(self, booking: SimulatedAllocation, nbytes: int) -> None:
+        self.array: Optional[np.ndarray] = np.empty(max(nbytes, 1), dtype=np.uint8)
+        self.ptr, self.nbytes, self._booking = int(self.array.ctypes.data), nbytes, booking
+
+    def free(self) -> None:
+        self._booking.free()
+        self.array, self.ptr = None, 0
+
+
+class SimulatedMemory(DeviceMemory):
+    """:class:`DeviceMemory` on a :class:`SimulatedDevice`; runtimes see its buffers as host
+    (``"cpu"``) memory. See the module docstring."""
+
+    kind = "cpu"
+    torch_device = "cpu"
+
+    def __init__(self, device: SimulatedDevice) -> None:
+        self.device = device
+        self.index = 0
+
+    def allocate(self, nbytes: int, owner: str = "") -> SimulatedBuffer:
+        return SimulatedBuffer(self.device.allocate(nbytes, owner=owner), nbytes)
+
+    def charge(self, nbytes: int, owner: str = "") -> Charge:
+        return Charge(nbytes, self.device.allocate(nbytes, owner=owner).free)
+
+    def measure(self, fn: Callable[[], T], *, expected_bytes: int, owner: str = "") -> Tuple[T, Charge]:
+        charge = self.charge(expected_bytes, owner)
+        try:
+            return fn(), charge
+        except BaseException:
+            charge.free()
+            raise
+
+    def copy_to_device(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        self.device.copy(nbytes)
+        ctypes.memmove(dst_ptr, src_ptr, nbytes)
+
+    def copy_to_host(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        ctypes.memmove(dst_ptr, src_ptr, nbytes)
+
+    def synchronize(self) -> None:
+        pass
+
+    def new_host_pool(self) -> HostPool:
+        return HostPool()
+
+    def new_runner(self, label: str) -> Runner:
+        return InlineRunner()
+
+    @property
+    def session_overhead_bytes(self) -> int:
+        return self.device.session_overhead_bytes

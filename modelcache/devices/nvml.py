@@ -122,6 +122,7 @@ class NvmlMonitor(DeviceMonitor):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            super().close()
             _release()
 
     def __repr__(self) -> str:

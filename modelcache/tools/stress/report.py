@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List
 
-from .sizes import format_bytes
+from ...sizes import format_bytes
 
 
 def table(report: Dict[str, Any]) -> List[str]:

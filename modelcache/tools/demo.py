@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from .report import emit, plot
 from .stress import StressConfig, failed, run_stress, save_json
+from .stress.report import emit, plot
 
 
 def demo_config(out_dir: str, simulate: bool = False, requests: int = 12000) -> StressConfig:

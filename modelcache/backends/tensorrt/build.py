@@ -1,173 +1,22 @@
-"""TensorRT plumbing shared by the "tensorrt" backend and ``modelcache convert``: choosing the
-TensorRT module, capturing its log, describing the running environment, and the build cache
-(ONNX -> plan, keyed by the ONNX's sha256, the TensorRT version, the GPU and the build options).
-
-Code is written against the standard ``tensorrt`` module (>= 10); TensorRT-RTX
-(``tensorrt_rtx_bindings``) is accepted too, and any module with the same API can be passed as
-``trt_module`` (the tests pass a double of the runtime API).
-"""
+"""Building plans from ONNX (the seed, §11): trtexec-like options and the build cache (ONNX ->
+plan, keyed by the ONNX's sha256, the TensorRT version, the GPU and the build options), shared by
+the "tensorrt" backend and ``modelcache convert``."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .._fileio import atomic_write, read_verified, sha256_file
-from ..errors import ConfigError, CorruptFileError, EngineBuildError, ModelCacheError
-from ..sizes import Size, parse_size
-
-SIDECAR_FORMAT = 1
-_MODULES = ("tensorrt", "tensorrt_rtx_bindings")
-
-
-def import_trt(module: Union[None, str, Any] = None) -> Any:
-    """The TensorRT module: ``module`` itself, a module name, or the first of ``tensorrt`` (>= 10)
-    and ``tensorrt_rtx_bindings`` that imports."""
-    if module is not None and not isinstance(module, str):
-        return module
-    names = [module] if module else list(_MODULES)
-    problems = []
-    for name in names:
-        try:
-            trt = importlib.import_module(name)
-        except ImportError as exc:
-            problems.append(f"{name}: {exc}")
-            continue
-        if not hasattr(trt, "Runtime"):
-            problems.append(f"{name}: no Runtime (a stub package?)")
-            continue
-        if name == "tensorrt" and _major(getattr(trt, "__version__", "0")) < 10:
-            problems.append(f"tensorrt {trt.__version__} is older than 10")
-            continue
-        return trt
-    raise ModelCacheError("no usable TensorRT module (" + "; ".join(problems) + "): pip install "
-                          "'modelcache[tensorrt]' (tensorrt>=10) or tensorrt-rtx-cu13-bindings, or pass trt_module=")
-
-
-def _major(version: str) -> int:
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        return 0
-
-
-class CapturingLogger:
-    """A TensorRT ILogger that keeps what TensorRT says, per thread, so a failed call can raise an
-    error carrying TensorRT's own message (TensorRT returns None and only logs)."""
-
-    def __new__(cls, trt: Any) -> Any:
-        base = trt.ILogger
-
-        class _Logger(base):  # type: ignore[misc, valid-type]
-            def __init__(self) -> None:
-                base.__init__(self)
-                self._local = threading.local()
-                self.recent: List[str] = []
-                self._lock = threading.Lock()
-
-            def log(self, severity: Any, msg: str) -> None:
-                text = f"[{getattr(severity, 'name', severity)}] {msg}"
-                lines = getattr(self._local, "lines", None)
-                if lines is not None:
-                    lines.append((severity, text))
-                with self._lock:
-                    self.recent.append(text)
-                    del self.recent[:-200]
-
-            def capture(self) -> "_Capture":
-                return _Capture(self)
-
-        return _Logger()
-
-
-class _Capture:
-    """``with logger.capture() as lines``: what TensorRT logs on this thread meanwhile."""
-
-    def __init__(self, logger: Any) -> None:
-        self._logger = logger
-        self.lines: List[Tuple[Any, str]] = []
-
-    def __enter__(self) -> "_Capture":
-        self._saved = getattr(self._logger._local, "lines", None)
-        self._logger._local.lines = self.lines
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._logger._local.lines = self._saved
-
-    def errors(self, trt: Any) -> List[str]:
-        """Error-level lines, or all lines if none is an error."""
-        error_levels = {getattr(getattr(trt.ILogger, "Severity", None), n, None) for n in ("ERROR", "INTERNAL_ERROR")}
-        errs = [text for sev, text in self.lines if sev in error_levels or "ERROR" in str(sev)]
-        return errs or [text for _, text in self.lines]
-
-
-_loggers: Dict[int, Any] = {}
-_loggers_lock = threading.Lock()
-
-
-def logger_for(trt: Any) -> Any:
-    """One capturing logger per TensorRT module (TensorRT wants a single logger per process)."""
-    with _loggers_lock:
-        logger = _loggers.get(id(trt))
-        if logger is None:
-            logger = _loggers[id(trt)] = CapturingLogger(trt)
-        return logger
-
-
-def environment(trt: Any, device: int = 0, simulated: bool = False) -> Dict[str, Any]:
-    """What a plan is tied to: the TensorRT module and version, the CUDA runtime version, the GPU's
-    name and compute capability (None where they cannot be read, e.g. without a GPU)."""
-    env: Dict[str, Any] = {"trt_module": getattr(trt, "__name__", str(trt)),
-                           "trt_version": str(getattr(trt, "__version__", "unknown")),
-                           "cuda_version": None, "gpu_name": None, "compute_capability": None}
-    if simulated:
-        return env
-    try:
-        from ..cuda import check, runtime
-        rt = runtime()
-        version = check(rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
-        env["cuda_version"] = f"{version // 1000}.{(version % 1000) // 10}"
-        props = check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
-        name = props.name
-        env["gpu_name"] = (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
-        env["compute_capability"] = f"{props.major}.{props.minor}"
-    except Exception:  # no GPU, no cuda-python: leave them unknown
-        pass
-    return env
-
-
-def mismatches(plan_env: Dict[str, Any], running: Dict[str, Any]) -> List[str]:
-    """Differences that stop a plan from running here; unknown values on either side are skipped."""
-    out = []
-    for key in ("trt_module", "trt_version", "compute_capability", "gpu_name"):
-        a, b = plan_env.get(key), running.get(key)
-        if a is not None and b is not None and str(a) != str(b):
-            out.append(f"{key}: plan {a!r}, running {b!r}")
-    a, b = plan_env.get("cuda_version"), running.get("cuda_version")
-    if a and b and str(a).split(".")[0] != str(b).split(".")[0]:
-        out.append(f"cuda_version: plan {a!r}, running {b!r}")
-    return out
-
-
-def write_sidecar(path: str, sidecar: Dict[str, Any]) -> None:
-    atomic_write(path, json.dumps(sidecar, indent=2, sort_keys=True).encode())
-
-
-def read_sidecar(path: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise ModelCacheError(f"cannot read the plan's sidecar {path}: {exc}") from exc
+from ..._fileio import atomic_write, read_verified, sha256_file
+from ...errors import ConfigError, CorruptFileError, EngineBuildError
+from ...sizes import Size, parse_size
+from .plans import SIDECAR_FORMAT, environment, read_sidecar, write_sidecar
+from .runtime import import_trt, logger_for
 
 
 # ---------------------------------------------------------------------------- build options
@@ -212,20 +61,24 @@ class BuildOptions:
 class BuildCache:
     """ONNX -> plan files under ``directory``, keyed by (ONNX sha256, TensorRT module and version,
     GPU, build options). A second request for a key is a hit; concurrent requests for one key build
-    once (the others wait); plans and sidecars are written atomically."""
+    once (the others wait); plans and sidecars are written atomically. ``facts``: the device's
+    ``DeviceMemory.describe()`` (None: CUDA device 0's, read through cuda-python where there is one)."""
 
-    def __init__(self, directory: str, trt_module: Union[None, str, Any] = None, device: int = 0,
-                 simulated: bool = False) -> None:
+    def __init__(self, directory: str, trt_module: Union[None, str, Any] = None,
+                 facts: Optional[Dict[str, Any]] = None) -> None:
         self.directory = directory
         self.trt = import_trt(trt_module)
-        self.device, self.simulated = device, simulated
+        if facts is None:
+            from ...devices.cuda import describe_device
+            facts = describe_device(0)
+        self.facts = dict(facts)
         self._inflight: Dict[str, Future] = {}
         self._lock = threading.Lock()
         self.hits = self.builds = 0
         os.makedirs(directory, exist_ok=True)
 
     def key(self, onnx_sha256: str, options: BuildOptions) -> str:
-        env = environment(self.trt, self.device, self.simulated)
+        env = environment(self.trt, self.facts)
         material = {"onnx_sha256": onnx_sha256, "trt_module": env["trt_module"], "trt_version": env["trt_version"],
                     "gpu_name": env["gpu_name"], "compute_capability": env["compute_capability"],
                     "options": options.key()}
@@ -287,7 +140,7 @@ class BuildCache:
         start = time.perf_counter()
         plan = build_plan(self.trt, onnx_path, opts)
         plan_sha = atomic_write(plan_path, memoryview(plan))
-        sidecar = dict(environment(self.trt, self.device, self.simulated))
+        sidecar = dict(environment(self.trt, self.facts))
         sidecar.update({"format": SIDECAR_FORMAT, "plan_sha256": plan_sha, "onnx_sha256": onnx_sha,
                         "onnx_path": os.path.abspath(onnx_path), "build_options": opts.key(),
                         "build_seconds": round(time.perf_counter() - start, 3),
@@ -369,8 +222,3 @@ def profiles_from_shapes(min_shapes: str, opt_shapes: str, max_shapes: str) -> L
     return [{name: (lo[name], opt[name], hi[name]) for name in lo}] if lo else []
 
 
-def iter_io(engine: Any, trt: Any) -> Iterator[Tuple[str, bool]]:
-    """``(name, is_input)`` for each I/O tensor of ``engine``."""
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        yield name, engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import ConfigError
+from ...errors import ConfigError
 
 
 def zipf_weights(n: int, s: float) -> List[float]:

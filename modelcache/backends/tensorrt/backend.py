@@ -12,26 +12,27 @@ and of the source ONNX, build options). Before deserializing, the sidecar is che
 running environment: a mismatch raises :class:`EngineCompatibilityError`, or rebuilds from the
 source ONNX when it is known. A plan TensorRT refuses raises :class:`EngineDeserializationError`
 with TensorRT's own messages.
+
+Files: ``runtime.py`` (the TensorRT module, its log, what ``use()`` hands out, scratch memory),
+``plans.py`` (plan files, sidecars, compatibility), ``build.py`` (ONNX -> plan, the build cache).
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import itertools
+import logging
 import os
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
-
-from .._fileio import atomic_write, model_file, read_verified, remove_quietly
-from ..cuda import DeviceBuffer, StreamPool, align, as_int, device_pointer
-from ..errors import (BackendError, ConfigError, CorruptFileError, EngineCompatibilityError,
-                      EngineDeserializationError, ModelCacheError, ModelInputError, UnsupportedModelError)
-from ..tiers import Tier
-from .base import Backend, BackendContext, Handle
-from .tensorrt_build import (BuildCache, BuildOptions, environment, import_trt, iter_io, logger_for, mismatches,
-                             read_sidecar, write_sidecar)
+from ..._fileio import read_verified
+from ...devices.host import align
+from ...errors import (BackendError, ConfigError, EngineCompatibilityError, EngineDeserializationError,
+                       UnsupportedModelError)
+from ...tiers import Tier
+from ..base import Backend, BackendContext, Handle
+from .build import BuildCache, BuildOptions
+from .plans import environment, mismatches, read_plan, read_sidecar, remove_plan, write_plan
+from .runtime import ScratchPool, TrtModel, _Context, import_trt, logger_for
 
 _OPTIONS = {"trt_module", "build", "build_cache_dir", "rebuild", "size_hint"}
 _PLAN_SUFFIXES = (".plan", ".engine", ".trt")
@@ -47,7 +48,7 @@ class TrtHandle(Handle):
         self.source_onnx: Optional[str] = None
         self.build_options: Optional[BuildOptions] = None
         self.engine: Any = None
-        self.allocation: Any = None             # SimulatedAllocation of the weights on a simulated device
+        self.charge: Any = None                 # devices.Charge for the engine's device bytes
         self.scratch_bytes = 0
         self.contexts: List["_Context"] = []    # idle execution contexts
         self.contexts_lock = threading.Lock()
@@ -70,182 +71,6 @@ class TrtHandle(Handle):
                 "built_for": {k: (self.sidecar or {}).get(k) for k in ("trt_version", "gpu_name", "compute_capability")}}
 
 
-class _Context:
-    """An execution context with its I/O buffers (reused across runs while large enough)."""
-
-    def __init__(self, context: Any) -> None:
-        self.context = context
-        self.buffers: Dict[str, Tuple[Any, int, int]] = {}   # name -> (keepalive, ptr, nbytes)
-
-    def buffer(self, backend: "TensorRTBackend", name: str, nbytes: int) -> int:
-        held = self.buffers.get(name)
-        if held is None or held[2] < nbytes:
-            if held is not None:
-                backend._free_io(held[0])
-            keep, ptr = backend._alloc_io(max(nbytes, 1))
-            held = self.buffers[name] = (keep, ptr, max(nbytes, 1))
-        return held[1]
-
-    def close(self, backend: "TensorRTBackend") -> None:
-        for keep, _, _ in self.buffers.values():
-            backend._free_io(keep)
-        self.buffers.clear()
-        self.context = None
-
-
-class ScratchPool:
-    """Activation ("scratch") memory shared by every engine: slots of the largest
-    ``device_memory_size_v2`` among resident engines, one per run in flight, so N cached engines do
-    not hold N scratch buffers."""
-
-    def __init__(self, backend: "TensorRTBackend") -> None:
-        self._backend = backend
-        self._lock = threading.Lock()
-        self._idle: List[Tuple[Any, int, int]] = []   # (keepalive, ptr, nbytes)
-        self.busy = 0
-        self.slot_bytes = 0        # size new slots get: the largest scratch among resident engines
-        self.total_bytes = 0
-        self.peak_slots = 0
-
-    def resize(self, slot_bytes: int) -> None:
-        """Engines came or went: new slots get ``slot_bytes``; idle slots of another size are freed."""
-        with self._lock:
-            self.slot_bytes = slot_bytes
-            keep = [s for s in self._idle if s[2] == slot_bytes]
-            drop = [s for s in self._idle if s[2] != slot_bytes]
-            self._idle = keep
-        for slot in drop:
-            self._free(slot)
-
-    @contextlib.contextmanager
-    def slot(self, need: int) -> Iterator[Tuple[int, int]]:
-        """A slot of at least ``need`` bytes for one run: ``(address, nbytes)``."""
-        with self._lock:
-            size = max(need, self.slot_bytes)
-            fits = [s for s in self._idle if s[2] >= need]
-            slot = min(fits, key=lambda s: s[2]) if fits else None
-            if slot is not None:
-                self._idle.remove(slot)
-            self.busy += 1
-            self.peak_slots = max(self.peak_slots, self.busy + len(self._idle))
-        try:
-            if slot is None:
-                keep, ptr = self._backend._alloc_scratch(size)
-                slot = (keep, ptr, size)
-                with self._lock:
-                    self.total_bytes += size
-            yield slot[1], slot[2]
-        finally:
-            with self._lock:
-                self.busy -= 1
-                stale = slot is not None and slot[2] != self.slot_bytes   # engines changed meanwhile
-                if slot is not None and not stale:
-                    self._idle.append(slot)
-            if stale:
-                self._free(slot)
-
-    def _free(self, slot: Tuple[Any, int, int]) -> None:
-        self._backend._free_io(slot[0])
-        with self._lock:
-            self.total_bytes -= slot[2]
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for slot in idle:
-            self._free(slot)
-
-
-class TrtModel:
-    """What ``use()`` hands out for a TensorRT engine.
-
-    ``run({name: array})`` returns ``{output name: array}`` (numpy in and out, names as the engine
-    has them); ``run_device(inputs, outputs, stream=)`` takes device addresses (ints, pycuda
-    allocations, or ``__cuda_array_interface__`` objects) for callers that keep data on the GPU.
-    """
-
-    def __init__(self, backend: "TensorRTBackend", handle: TrtHandle) -> None:
-        self._backend, self._handle = backend, handle
-        self.name = handle.name
-        trt = handle.trt
-        self.input_names: List[str] = []
-        self.output_names: List[str] = []
-        for tensor, is_input in iter_io(handle.engine, trt):
-            (self.input_names if is_input else self.output_names).append(tensor)
-        self._dtypes = {n: np.dtype(trt.nptype(handle.engine.get_tensor_dtype(n)))
-                        for n in self.input_names + self.output_names}
-        self.valid = True
-
-    @property
-    def engine(self) -> Any:
-        self._alive()
-        return self._handle.engine
-
-    def run(self, feeds: Dict[str, Any], output_names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
-        self._alive()
-        unknown = [k for k in feeds if k not in self.input_names]
-        missing = [k for k in self.input_names if k not in feeds]
-        if unknown or missing:
-            raise ModelInputError(f"bad inputs: unknown {unknown}, missing {missing}; the engine's inputs are "
-                                  f"{self.input_names}", model=self.name)
-        wanted = output_names or self.output_names
-        bad = [o for o in wanted if o not in self.output_names]
-        if bad:
-            raise ModelInputError(f"unknown output(s) {bad}; the engine's outputs are {self.output_names}",
-                                  model=self.name)
-        backend, handle = self._backend, self._handle
-        with backend.scratch.slot(handle.scratch_bytes) as scratch, backend._context(handle) as ctx:
-            context = ctx.context
-            backend._bind_scratch(context, scratch)
-            host_in = {}
-            for name, value in feeds.items():
-                array = np.ascontiguousarray(value, dtype=self._dtypes[name])
-                host_in[name] = array
-                context.set_input_shape(name, tuple(array.shape))
-                ptr = ctx.buffer(backend, name, array.nbytes)
-                backend._copy_in(ptr, array)
-                context.set_tensor_address(name, ptr)
-            outputs = {}
-            for name in self.output_names:
-                shape = tuple(context.get_tensor_shape(name))
-                if any(d < 0 for d in shape):
-                    raise BackendError(f"output {name!r} has unresolved shape {shape}", model=self.name)
-                array = np.empty(shape, dtype=self._dtypes[name])
-                ptr = ctx.buffer(backend, name, array.nbytes)
-                context.set_tensor_address(name, ptr)
-                outputs[name] = (array, ptr)
-            backend._execute(handle, context)
-            for array, ptr in outputs.values():
-                backend._copy_out(array, ptr)
-            backend._sync()
-        return {name: outputs[name][0] for name in wanted}
-
-    def run_device(self, inputs: Dict[str, Any], outputs: Dict[str, Any], shapes: Optional[Dict[str, Any]] = None,
-                   stream: int = 0) -> None:
-        """Run on device memory you own. ``inputs``/``outputs``: name -> address or array with
-        ``__cuda_array_interface__``; ``shapes`` gives input shapes for raw addresses."""
-        self._alive()
-        backend, handle = self._backend, self._handle
-        with backend.scratch.slot(handle.scratch_bytes) as scratch, backend._context(handle) as ctx:
-            context = ctx.context
-            backend._bind_scratch(context, scratch)
-            for name, value in inputs.items():
-                iface = getattr(value, "__cuda_array_interface__", None)
-                shape = (shapes or {}).get(name) or (iface or {}).get("shape")
-                if shape is None:
-                    raise ModelInputError(f"input {name!r}: give its shape in shapes=", model=self.name)
-                context.set_input_shape(name, tuple(shape))
-                context.set_tensor_address(name, device_pointer(value))
-            for name, value in outputs.items():
-                context.set_tensor_address(name, device_pointer(value))
-            backend._execute(handle, context, stream)
-
-    def _alive(self) -> None:
-        if not self.valid:
-            raise ModelCacheError("this engine object was used after its lease ended and the model moved; use it "
-                                  "only inside `with cache.use(...)`", model=self.name)
-
-
 class TensorRTBackend(Backend):
     """TensorRT engines; see the module docstring."""
 
@@ -253,15 +78,13 @@ class TensorRTBackend(Backend):
 
     def __init__(self, context: BackendContext) -> None:
         super().__init__(context)
-        self.on_gpu = not context.monitor.simulated
+        self.memory = context.memory
         self.scratch = ScratchPool(self)
-        self.streams = StreamPool()
         self._runtimes: Dict[int, Any] = {}
         self._envs: Dict[int, Dict[str, Any]] = {}
         self._builds: Dict[Tuple[str, int], BuildCache] = {}
         self._lock = threading.Lock()
         self._resident: Dict[int, int] = {}    # id(handle) -> scratch bytes, engines on the device
-        self._fake_addresses = itertools.count(1 << 40, 1 << 30)
         self.counters = {"deserializations": 0, "deserialization_errors": 0, "serializations": 0, "rebuilds": 0}
 
     @classmethod
@@ -324,7 +147,7 @@ class TensorRTBackend(Backend):
         with self._lock:
             cache = self._builds.get(key)
             if cache is None:
-                cache = self._builds[key] = BuildCache(folder, trt, self.context.device, not self.on_gpu)
+                cache = self._builds[key] = BuildCache(folder, trt, self.memory.describe())
             return cache
 
     # moves ------------------------------------------------------------------------------------------
@@ -332,33 +155,23 @@ class TensorRTBackend(Backend):
         self._check_compatible(handle)
         trt = handle.trt
         runtime = self._runtime(trt)
-        logger = logger_for(trt)
-        allocation = None
-        if not self.on_gpu:
-            allocation = self.context.monitor.allocate(handle.plan_nbytes, owner=handle.name)  # type: ignore[attr-defined]
-        try:
-            with logger.capture() as log:
-                before = self.context.monitor.process_bytes() if self.on_gpu else None
-                engine = runtime.deserialize_cuda_engine(handle.plan)
-                after = self.context.monitor.process_bytes() if self.on_gpu else None
-            if engine is None:
-                with self._lock:
-                    self.counters["deserialization_errors"] += 1
-                messages = log.errors(trt)
-                raise EngineDeserializationError(
-                    "TensorRT could not deserialize the plan: " + " | ".join(messages[-4:] or ["(no message)"]),
-                    model=handle.name, trt_messages=messages)
-        except BaseException:
-            if allocation is not None:
-                allocation.free()
-            raise
+        with logger_for(trt).capture() as log:
+            engine, charge = self.memory.measure(lambda: runtime.deserialize_cuda_engine(handle.plan),
+                                                 expected_bytes=handle.plan_nbytes, owner=handle.name)
+        if engine is None:
+            charge.free()
+            with self._lock:
+                self.counters["deserialization_errors"] += 1
+            messages = log.errors(trt)
+            raise EngineDeserializationError(
+                "TensorRT could not deserialize the plan: " + " | ".join(messages[-4:] or ["(no message)"]),
+                model=handle.name, trt_messages=messages)
         with self._lock:
             self.counters["deserializations"] += 1
         if handle.sidecar is None:      # it runs here: record where, for the disk tier's sidecar
             handle.sidecar = dict(self._env(trt))
-        handle.engine, handle.allocation = engine, allocation
-        measured = (after - before) if (before is not None and after is not None) else None
-        self._engine_ready(handle, measured)
+        handle.engine, handle.charge = engine, charge
+        self._engine_ready(handle, charge.nbytes)
 
     def _engine_ready(self, handle: TrtHandle, measured: Optional[int]) -> None:
         engine = handle.engine
@@ -380,7 +193,6 @@ class TensorRTBackend(Backend):
         if not problems:
             return
         if handle.source_onnx and os.path.exists(handle.source_onnx) and handle.build_options is not None:
-            import logging
             logging.getLogger("modelcache").warning("model %r: plan built for another environment (%s); "
                                                     "rebuilding from %s", handle.name, "; ".join(problems),
                                                     handle.source_onnx)
@@ -413,43 +225,31 @@ class TensorRTBackend(Backend):
         with handle.contexts_lock:
             contexts, handle.contexts = handle.contexts, []
         for ctx in contexts:
-            ctx.close(self)
+            ctx.close()
         handle.engine = None
-        if handle.allocation is not None:
-            handle.allocation.free()
-            handle.allocation = None
+        if handle.charge is not None:
+            handle.charge.free()
+            handle.charge = None
         with self._lock:
             self._resident.pop(id(handle), None)
             largest = max(self._resident.values(), default=0)
         self.scratch.resize(align(largest))
 
     def _to_disk_impl(self, handle: TrtHandle, directory: str) -> None:
-        plan_path = model_file(directory, handle.name, ".plan")
-        digest = atomic_write(plan_path, memoryview(handle.plan))
         sidecar = dict(handle.sidecar or {k: None for k in ("trt_module", "trt_version", "cuda_version",
                                                             "gpu_name", "compute_capability")})
-        sidecar.update({"format": 1, "plan_sha256": digest, "onnx_path": handle.source_onnx,
-                        "model": handle.name})
-        try:
-            write_sidecar(plan_path + ".json", sidecar)
-        except BaseException:
-            remove_quietly(plan_path)
-            raise
+        sidecar["onnx_path"] = handle.source_onnx
+        plan_path, digest, sidecar = write_plan(directory, handle.name, handle.plan, sidecar)
         handle.files = {"plan": (plan_path, digest)}
         handle.sidecar, handle.disk_path = sidecar, plan_path
         handle.plan = None
 
     def _from_disk_impl(self, handle: TrtHandle) -> None:
         plan_path, digest = handle.files["plan"]
-        sidecar = read_sidecar(plan_path + ".json")
-        if sidecar is None or sidecar.get("plan_sha256") != digest:
-            raise CorruptFileError(f"the sidecar {plan_path}.json is missing or does not match the plan",
-                                   model=handle.name)
-        data = read_verified(plan_path, digest, model=handle.name)
+        data, sidecar = read_plan(plan_path, digest, handle.name)
         handle.plan, handle.plan_nbytes, handle.sidecar = data, len(data), sidecar
         handle.host_bytes = handle.plan_nbytes
-        remove_quietly(plan_path)
-        remove_quietly(plan_path + ".json")
+        remove_plan(plan_path)
         handle.files, handle.disk_path = {}, None
 
     def _release_impl(self, handle: TrtHandle) -> None:
@@ -459,8 +259,7 @@ class TensorRTBackend(Backend):
             pass
         handle.plan = None
         for path, _ in handle.files.values():
-            remove_quietly(path)
-            remove_quietly(path + ".json")
+            remove_plan(path)
         handle.files = {}
 
     def _model_impl(self, handle: TrtHandle) -> TrtModel:
@@ -478,7 +277,6 @@ class TensorRTBackend(Backend):
 
     def close(self) -> None:
         self.scratch.close()
-        self.streams.close()
 
     # runtime pieces ---------------------------------------------------------------------------------
     def _runtime(self, trt: Any) -> Any:
@@ -492,7 +290,7 @@ class TensorRTBackend(Backend):
         with self._lock:
             env = self._envs.get(id(trt))
         if env is None:
-            env = environment(trt, self.context.device, not self.on_gpu)
+            env = environment(trt, self.memory.describe())
             with self._lock:
                 self._envs[id(trt)] = env
         return env
@@ -519,7 +317,7 @@ class TensorRTBackend(Backend):
                     handle.contexts.append(ctx)
                     ctx = None  # type: ignore[assignment]
             if ctx is not None:
-                ctx.close(self)
+                ctx.close()
 
     def _bind_scratch(self, context: Any, scratch: Tuple[int, int]) -> None:
         ptr, size = scratch
@@ -530,45 +328,10 @@ class TensorRTBackend(Backend):
 
     def _execute(self, handle: TrtHandle, context: Any, stream: Optional[int] = None) -> None:
         trt = handle.trt
-        handle_stream = stream if stream is not None else (
-            as_int(self.streams.get(self.context.device).handle) if self.on_gpu else 0)
         with logger_for(trt).capture() as log:
-            ok = context.execute_async_v3(handle_stream)
+            ok = context.execute_async_v3(stream if stream is not None else self.memory.stream_handle())
         if not ok:
             raise BackendError("TensorRT failed to run the engine: " + " | ".join(log.errors(trt)), model=handle.name)
-
-    def _alloc_io(self, nbytes: int) -> Tuple[Any, int]:
-        if self.on_gpu:
-            buf = DeviceBuffer(nbytes, self.context.device)
-            return buf, buf.ptr
-        array = np.empty(nbytes, dtype=np.uint8)      # a simulated device has host memory behind it
-        return array, array.ctypes.data
-
-    def _alloc_scratch(self, nbytes: int) -> Tuple[Any, int]:
-        if self.on_gpu:
-            return self._alloc_io(nbytes)
-        allocation = self.context.monitor.allocate(nbytes, owner="tensorrt-scratch")  # type: ignore[attr-defined]
-        return allocation, next(self._fake_addresses)  # accounted, never dereferenced
-
-    def _free_io(self, keep: Any) -> None:
-        if hasattr(keep, "free"):
-            keep.free()
-
-    def _copy_in(self, ptr: int, array: np.ndarray) -> None:
-        if self.on_gpu:
-            self.streams.get(self.context.device).copy_to_device(ptr, array.ctypes.data, array.nbytes)
-        else:
-            ctypes.memmove(ptr, array.ctypes.data, array.nbytes)
-
-    def _copy_out(self, array: np.ndarray, ptr: int) -> None:
-        if self.on_gpu:
-            self.streams.get(self.context.device).copy_to_host(array.ctypes.data, ptr, array.nbytes)
-        else:
-            ctypes.memmove(array.ctypes.data, ptr, array.nbytes)
-
-    def _sync(self) -> None:
-        if self.on_gpu:
-            self.streams.get(self.context.device).synchronize()
 
 
 def _nbytes(plan: Any) -> int:

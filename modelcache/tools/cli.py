@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import ModelCacheError
+from ..errors import ModelCacheError
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -85,8 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _stress(args: argparse.Namespace) -> int:
-    from .report import emit, plot
     from .stress import StressConfig, failed, run_stress, save_json
+    from .stress.report import emit, plot
     config = StressConfig(models=args.models, min_size=args.min_size, max_size=args.max_size, layers=args.layers,
                           model_files=args.model_files, workload=args.workload, zipf_s=args.zipf_s,
                           requests=args.requests, threads=args.threads, budget=args.budget, reserve=args.reserve,
@@ -115,10 +115,10 @@ def _stress(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import statistics
     import time
-    from .cache import ModelCache
-    from .monitors import NvmlMonitor, SimulatedDevice
-    from .sizes import format_bytes
-    from .tiers import Tier
+    from ..cache import ModelCache
+    from ..devices import NvmlMonitor, SimulatedDevice
+    from ..sizes import format_bytes
+    from ..tiers import Tier
     rows = [f"{'model':<32} {'backend':<12} {'mode':<8} {'size':>10} {'swap-in ms':>11} {'swap-out ms':>12}"]
     monitor = None
     if not args.simulate:
@@ -169,11 +169,11 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .backends.tensorrt_build import BuildCache, profiles_from_shapes
+    from ..backends.tensorrt.build import BuildCache, profiles_from_shapes
     options = {"fp16": args.fp16, "workspace": args.workspace,
                "profiles": profiles_from_shapes(args.minShapes, args.optShapes, args.maxShapes),
                "compute_capability": args.compute_capability}
-    cache = BuildCache(args.out, args.trt_module, simulated=False)
+    cache = BuildCache(args.out, args.trt_module)
     plan, sidecar, hit = cache.get(args.onnx, options)
     what = "cache hit" if hit else f"built in {sidecar.get('build_seconds', 0):.2f} s"
     print(f"{what}: {plan} ({os.path.getsize(plan)} B, {sidecar['trt_module']} {sidecar['trt_version']})")

@@ -1,0 +1,305 @@
+"""ONNX graph work for the ONNX Runtime backend: reading a model, moving its weights out of the
+graph into one host block, turning them into graph inputs, and describing inputs and outputs.
+
+Everything here is pure graph manipulation (``onnx`` only); sessions live in ``sessions.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..._fileio import read_into
+from ...devices.host import HostBlock, align
+from ...errors import ModelCacheError, UnsupportedModelError
+
+MiB = 1 << 20
+WEIGHTS_FILE = "modelcache.weights"   # the external-data location the graph refers to
+
+
+class InvalidModelError(UnsupportedModelError):
+    """The ONNX model is malformed, incomplete (missing external data) or rejected by ONNX Runtime."""
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One initializer moved out of the graph: where it sits in the host block."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    """An input or output as ``InferenceSession.get_inputs()`` describes it: ``type`` like
+    ``"tensor(float)"``, ``shape`` with ints, names of symbolic dimensions, or None."""
+
+    name: str
+    type: str
+    shape: List[Any]
+
+
+def onnx_module() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ModelCacheError("the onnxruntime backend needs the onnx package: "
+                              "pip install 'modelcache[onnxruntime]'") from exc
+    return onnx
+
+
+def looks_like_onnx(head: bytes) -> bool:
+    """ModelProto starts with field 1 (ir_version, varint) in practice: byte 0x08."""
+    return len(head) > 2 and head[0] == 0x08
+
+
+def to_proto(name: str, value: Any) -> Tuple[Any, Optional[str]]:
+    """The model as a ModelProto, and the folder its external data lives in (a path's: that data
+    is read later, straight into the host block, not through the proto)."""
+    onnx = onnx_module()
+    if type(value).__name__ == "InferenceSession":
+        path, data = getattr(value, "_model_path", None), getattr(value, "_model_bytes", None)
+        if not path and not data:
+            raise UnsupportedModelError("the InferenceSession keeps neither its model path nor its bytes; "
+                                        "return the path or bytes from the loader instead", model=name)
+        value = path or data
+    try:
+        if isinstance(value, (str, os.PathLike)):
+            path = os.fspath(value)
+            if not os.path.exists(path):
+                raise InvalidModelError(f"no ONNX file at {path}", model=name)
+            return onnx.load(path, load_external_data=False), os.path.dirname(os.path.abspath(path))
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return onnx.load_from_string(bytes(value)), None
+        if type(value).__name__ == "ModelProto":
+            copy = onnx.ModelProto()      # the weights are moved out: never touch the caller's proto
+            copy.CopyFrom(value)
+            return copy, None
+    except InvalidModelError:
+        raise
+    except FileNotFoundError as exc:
+        raise InvalidModelError(f"external data is missing: {exc}", model=name) from exc
+    except Exception as exc:
+        raise InvalidModelError(f"not a readable ONNX model: {type(exc).__name__}: {exc}", model=name) from exc
+    raise UnsupportedModelError(f"the onnxruntime backend takes a .onnx path, bytes, a ModelProto or an "
+                                f"InferenceSession, not {type(value).__name__}", model=name)
+
+
+def externalize(name: str, proto: Any, threshold: int, get_block: Callable[[int], HostBlock],
+                put_block: Callable[[HostBlock], None], float_threshold: Optional[int] = None,
+                base_dir: Optional[str] = None) -> Tuple[bytes, List[Weight], Optional[HostBlock]]:
+    """Move initializers >= threshold bytes (floating-point ones >= ``float_threshold``) into one
+    host block from ``get_block``; the graph refers to them as external data at their offsets in
+    that block. Initializers in external-data files (under ``base_dir``) are read straight into the
+    block; smaller ones that stay in the graph are loaded into it."""
+    onnx = onnx_module()
+    from onnx import numpy_helper
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    sized = []
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL and base_dir is None:
+            raise InvalidModelError(f"initializer {init.name!r} still refers to external data that "
+                                    f"was not loaded", model=name)
+        sized.append((init, tensor_nbytes(init)))
+    big = [(init, n) for init, n in sized if n >= threshold]
+    if big and float_threshold is not None:   # a model with weights: its small float ones join them
+        big = [(init, n) for init, n in sized
+               if n >= threshold or (init.data_type in floats and n >= float_threshold)]
+    weights: List[Weight] = []
+    offset = 0
+    for init, nbytes in big:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        weights.append(Weight(init.name, np.dtype(dtype).str, tuple(int(d) for d in init.dims), offset, nbytes))
+        offset = align(offset + nbytes)
+    moved = {id(init) for init, _ in big}
+    for init, _ in sized:     # external data that stays in the graph: into the proto
+        if init.data_location == onnx.TensorProto.EXTERNAL and id(init) not in moved:
+            _load_external(name, init, base_dir)
+    block = get_block(offset) if weights else None
+    try:
+        for (init, nbytes), w in zip(big, weights):
+            assert block is not None
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                _read_external(name, init, base_dir, block.array[w.offset:w.offset + nbytes])
+            else:
+                array = numpy_helper.to_array(init)
+                assert array.nbytes == nbytes
+                block.array[w.offset:w.offset + nbytes] = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+            init.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                init.ClearField(field)
+            init.data_location = onnx.TensorProto.EXTERNAL
+            del init.external_data[:]
+            for key, val in (("location", WEIGHTS_FILE), ("offset", str(w.offset)), ("length", str(nbytes))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, val
+        return proto.SerializeToString(), weights, block
+    except BaseException:
+        if block is not None:
+            put_block(block)
+        raise
+
+
+def as_inputs(proto: Any, weights: Sequence[Weight], generic: bool = False) -> bytes:
+    """The graph with the given initializers turned into graph inputs. With ``generic``, also
+    without what differs between models of one architecture: every dimension of the graph's
+    inputs and outputs becomes symbolic, and the graph's name, doc strings and intermediate
+    shapes go, so such models serialize to the same bytes and can share one session."""
+    onnx = onnx_module()
+    names = {w.name for w in weights}
+    kept = [init for init in proto.graph.initializer if init.name not in names]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    existing = {i.name for i in proto.graph.input}
+    for w in weights:
+        if w.name in existing:       # an overridable initializer already listed as an input
+            continue
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(w.dtype))
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(w.name, elem, list(w.shape)))
+    if generic:
+        graph = proto.graph
+        for value in list(graph.input) + list(graph.output):
+            value.doc_string = ""
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                    dim.Clear()
+                    dim.dim_param = f"{value.name}:{axis}"
+        del graph.value_info[:]
+        graph.name, graph.doc_string, proto.doc_string = "modelcache", "", ""
+        for node in graph.node:
+            node.doc_string = ""
+    return proto.SerializeToString()
+
+
+def group_key(graph: bytes, options: Dict[str, Any], name: Optional[str]) -> str:
+    """Models with the same key can share a session: same rewritten graph, same session options
+    (``name`` set: a group of its own)."""
+    digest = hashlib.sha256(graph)
+    settings = {k: options.get(k) for k in ("provider_options", "session_options", "shared_arena")}
+    digest.update(json.dumps(settings, sort_keys=True, default=repr).encode())
+    if name is not None:
+        digest.update(b"\0" + name.encode())
+    return digest.hexdigest()
+
+
+def signature(proto: Any, input_names: Sequence[str]) -> Tuple[List[ValueInfo], List[ValueInfo]]:
+    """The model's inputs (those named) and outputs, as ``InferenceSession`` would describe them."""
+    onnx = onnx_module()
+    wanted = set(input_names)
+
+    def info(value: Any) -> ValueInfo:
+        tensor = value.type.tensor_type
+        try:
+            kind = onnx.helper.tensor_dtype_to_string(tensor.elem_type).split(".")[-1].lower()
+        except Exception:
+            kind = "undefined"
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        return ValueInfo(value.name, f"tensor({kind})", shape)
+
+    return ([info(v) for v in proto.graph.input if v.name in wanted], [info(v) for v in proto.graph.output])
+
+
+def sample_specs(proto: Any, names: Sequence[str]) -> Optional[List[Tuple[str, Any, List[int]]]]:
+    """(name, dtype, shape) of each input for a warm-up run (symbolic dimensions become 1), or
+    None if an input's type cannot be sampled."""
+    onnx = onnx_module()
+    wanted = set(names)
+    specs = []
+    for value in proto.graph.input:
+        if value.name not in wanted:
+            continue
+        tensor = value.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        except Exception:
+            return None
+        if dtype.kind not in "fiub":
+            return None
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor.shape.dim]
+        specs.append((value.name, dtype, shape))
+    return specs
+
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def sample_feed(inputs: Sequence[Any], seed: int = 0) -> Dict[str, np.ndarray]:
+    """A deterministic sample input for each graph input (symbolic dimensions become 1)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for i in inputs:
+        dtype = _ORT_DTYPES.get(i.type)
+        if dtype is None:
+            raise ValueError(f"input {i.name!r} of type {i.type} cannot be sampled")
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in (i.shape or [])]
+        if np.issubdtype(dtype, np.floating):
+            feed[i.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feed[i.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feed[i.name] = rng.integers(0, 2, shape).astype(dtype)
+    return feed
+
+
+def tensor_nbytes(init: Any) -> int:
+    onnx = onnx_module()
+    if init.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    count = int(np.prod(init.dims)) if len(init.dims) else 1
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return count * itemsize
+
+
+# external data --------------------------------------------------------------------------------
+def _external_entry(name: str, init: Any, base_dir: Optional[str]) -> Tuple[str, int, Optional[int]]:
+    """(file path, offset, length) of an initializer's external data, checked to lie in base_dir."""
+    info = {e.key: e.value for e in init.external_data}
+    location = info.get("location", "")
+    root = os.path.realpath(base_dir or ".")
+    path = os.path.realpath(os.path.join(root, location))
+    if not location or os.path.isabs(location) or not (path == root or path.startswith(root + os.sep)):
+        raise InvalidModelError(f"initializer {init.name!r}: external data location {location!r} is not a "
+                                f"file beside the model", model=name)
+    if not os.path.isfile(path):
+        raise InvalidModelError(f"external data is missing: initializer {init.name!r} refers to {path}, "
+                                f"which does not exist", model=name)
+    length = info.get("length")
+    return path, int(info.get("offset", 0) or 0), int(length) if length else None
+
+
+def _read_external(name: str, init: Any, base_dir: Optional[str], out: np.ndarray) -> None:
+    """Read an initializer's external data straight into ``out`` (uint8, its exact size)."""
+    path, offset, length = _external_entry(name, init, base_dir)
+    if length is not None and length != out.nbytes:
+        raise InvalidModelError(f"initializer {init.name!r}: external data length {length} B, but its shape "
+                                f"and type need {out.nbytes} B", model=name)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            got = read_into(f, memoryview(out))
+    except OSError as exc:
+        raise InvalidModelError(f"initializer {init.name!r}: cannot read {path}: {exc}", model=name) from exc
+    if got != out.nbytes:
+        raise InvalidModelError(f"initializer {init.name!r}: {path} ends after {got} of {out.nbytes} B "
+                                f"(offset {offset})", model=name)
+
+
+def _load_external(name: str, init: Any, base_dir: Optional[str]) -> None:
+    """Load a (small) initializer's external data into the proto itself."""
+    onnx = onnx_module()
+    data = np.empty(tensor_nbytes(init), dtype=np.uint8)
+    _read_external(name, init, base_dir, data)
+    init.raw_data = data.tobytes()
+    init.data_location = onnx.TensorProto.DEFAULT
+    del init.external_data[:]

@@ -1,0 +1,158 @@
+"""What ``use()`` hands out for an ONNX Runtime model: an object that runs like an
+``InferenceSession`` (with the original model's input and output names), whichever swap mode
+serves it."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ...devices.base import Runner
+from ...devices.cuda import device_pointer
+from ...errors import ModelCacheError, ModelInputError
+from .graph import Weight
+
+
+class OrtModel:
+    """What ``use()`` hands out: runs like an ``InferenceSession``.
+
+    ``run(output_names, input_feed)`` takes and returns numpy arrays with the original model's
+    names. :meth:`io_binding` gives an IOBinding with the weights already bound, for callers
+    that keep inputs and outputs on the GPU (bind them, then :meth:`run_with_iobinding`).
+    """
+
+    def __init__(self, name: str, session: Any, weights: Sequence[Weight], device: Optional[Tuple[str, int]],
+                 weight_base: Any, input_names: List[str], output_names: List[str], run_options: Any = None,
+                 runner: Optional[Runner] = None, gate: Any = None,
+                 signature: Optional[Tuple[List[Any], List[Any]]] = None) -> None:
+        self.name = name
+        self._signature = signature      # the original model's inputs and outputs (a shared graph's are generic)
+        self._gate = gate
+        self._runner = runner             # the session's own thread (GPU), or None: run in the caller's
+        self._run_options = run_options   # default RunOptions (e.g. arena shrinkage after each run)
+        self._session = session
+        self._weights = list(weights)
+        self._device = device            # (device type, id) with weight_base an address there; None: host arrays
+        self._weight_base = weight_base  # int device address, or HostBlock
+        self._input_names = input_names
+        self._output_names = output_names
+        self._required = {i.name for i in session.get_inputs() if i.name in set(input_names)}
+        self.valid = True
+
+    # InferenceSession look-alikes ------------------------------------------------------------
+    def get_inputs(self) -> List[Any]:
+        """The model's inputs (name, type, shape) as the original model declares them."""
+        self._alive()
+        if self._signature is not None:
+            return list(self._signature[0])
+        names = set(self._input_names)
+        return [i for i in self._session.get_inputs() if i.name in names]
+
+    def get_outputs(self) -> List[Any]:
+        self._alive()
+        if self._signature is not None:
+            return list(self._signature[1])
+        return self._session.get_outputs()
+
+    def get_providers(self) -> List[str]:
+        self._alive()
+        return self._session.get_providers()
+
+    def get_modelmeta(self) -> Any:
+        self._alive()
+        return self._session.get_modelmeta()
+
+    def run(self, output_names: Optional[Sequence[str]], input_feed: Dict[str, Any],
+            run_options: Any = None) -> List[np.ndarray]:
+        """Run with numpy inputs; returns numpy outputs (all outputs when ``output_names`` is None)."""
+        self._check(input_feed)
+        names = list(output_names) if output_names else self._output_names
+        unknown = [n for n in names if n not in self._output_names]
+        if unknown:
+            raise ModelInputError(f"unknown output(s) {unknown}; the model's outputs are {self._output_names}",
+                                  model=self.name)
+        run_options = run_options if run_options is not None else self._run_options
+        if not self._weights:
+            return self._on_runner(self._session.run, names, input_feed, run_options)
+        # binding included: ONNX Runtime copies CPU inputs to the device when they are bound, and
+        # its CUDA provider keeps device memory for every thread that does so (~64 MiB each on an
+        # H100): on the runner thread, that is one thread per session, not one per caller
+        return self._on_runner(self._bind_and_run, names, input_feed, run_options)
+
+    def _bind_and_run(self, names: List[str], input_feed: Dict[str, Any], run_options: Any) -> List[np.ndarray]:
+        binding = self.io_binding()
+        for key, value in input_feed.items():
+            binding.bind_cpu_input(key, np.ascontiguousarray(value))
+        for out in names:
+            binding.bind_output(out, "cpu")
+        self._session.run_with_iobinding(binding, run_options)
+        return binding.copy_outputs_to_cpu()
+
+    def io_binding(self) -> Any:
+        """A fresh IOBinding with every weight bound (on the device, or from host memory)."""
+        self._alive()
+        binding = self._session.io_binding()
+        for w in self._weights:
+            if self._device is not None:
+                binding.bind_input(w.name, self._device[0], self._device[1], np.dtype(w.dtype), list(w.shape),
+                                   self._weight_base + w.offset)
+            else:
+                binding.bind_cpu_input(w.name, self._weight_base.view(w.offset, w.nbytes, w.dtype, w.shape))
+        return binding
+
+    def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
+        self._alive()
+        self._on_runner(self._session.run_with_iobinding, binding,
+                        run_options if run_options is not None else self._run_options)
+
+    def _on_runner(self, fn: Any, *args: Any) -> Any:
+        if self._runner is None:
+            return fn(*args)
+        return self._runner.call(self._gated, fn, *args)
+
+    def _gated(self, fn: Any, *args: Any) -> Any:
+        with self._gate.read():   # a run's allocations never overlap a memory measurement
+            return fn(*args)
+
+    def bind_device_input(self, binding: Any, name: str, array: Any, dtype: Any = None,
+                          shape: Optional[Sequence[int]] = None) -> None:
+        """Bind a GPU array (torch, CuPy: ``__cuda_array_interface__``; a pycuda allocation or raw
+        address with ``dtype`` and ``shape``) as input ``name``."""
+        if name not in self._input_names:
+            raise ModelInputError(f"unknown input {name!r}; the model's inputs are {self._input_names}",
+                                  model=self.name)
+        iface = getattr(array, "__cuda_array_interface__", None)
+        if iface is not None:
+            dtype = np.dtype(iface["typestr"]) if dtype is None else dtype
+            shape = iface["shape"] if shape is None else shape
+        if dtype is None or shape is None:
+            raise ModelInputError(f"input {name!r}: give dtype and shape with a raw device pointer", model=self.name)
+        device = self._device or ("cuda", 0)
+        binding.bind_input(name, device[0], device[1], np.dtype(dtype), list(shape), device_pointer(array))
+
+    # checks ------------------------------------------------------------------------------------
+    def retire(self) -> None:
+        """The lease is over and the model moved: refuse further use, let the session go."""
+        self.valid = False
+        self._session = None
+
+    def _alive(self) -> None:
+        if not self.valid:
+            raise ModelCacheError("this model object was used after its lease ended and the model moved; "
+                                  "use it only inside `with cache.use(...)`", model=self.name)
+
+    def _check(self, feed: Dict[str, Any]) -> None:
+        self._alive()
+        if not isinstance(feed, dict):
+            raise ModelInputError(f"input_feed must be a dict of name -> array, not {type(feed).__name__}",
+                                  model=self.name)
+        unknown = [k for k in feed if k not in self._input_names]
+        missing = [k for k in self._required if k not in feed]
+        if unknown or missing:
+            raise ModelInputError(f"bad inputs: unknown {unknown}, missing {sorted(missing)}; the model's "
+                                  f"inputs are {self._input_names}", model=self.name)
+
+    def __repr__(self) -> str:
+        if not self.valid:
+            return f"OrtModel({self.name!r}, retired)"
+        return f"OrtModel({self.name!r}, providers={self.get_providers()})"

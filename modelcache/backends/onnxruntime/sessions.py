@@ -1,0 +1,232 @@
+"""Creating ONNX Runtime sessions for one backend: the execution providers of the device the cache
+runs on, weights handed over from host memory, saved optimized graphs, files in RAM-backed
+storage, and the gate that keeps device-memory measurements apart from runs.
+
+Providers are chosen by the device type its memory shows to runtimes (``DeviceMemory.kind``):
+the CUDA provider on a GPU, the CPU provider on a simulated device. A session that must run on
+the CPU (a host-tier session, a verification run) asks for it with ``cpu=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any, Dict, Iterator, List, Optional
+
+from ...devices.base import DeviceMemory
+from ...devices.host import HostBlock
+from ...errors import ModelCacheError
+from .graph import MiB, WEIGHTS_FILE, InvalidModelError
+
+_env_arenas: set = set()          # devices whose shared CUDA arena is registered with ONNX Runtime
+_env_arenas_lock = threading.Lock()
+
+
+def ort_module() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ModelCacheError("the onnxruntime backend needs onnxruntime: pip install 'modelcache[onnxruntime]' "
+                              "(or 'modelcache[onnxruntime-gpu]' on a GPU machine)") from exc
+    return onnxruntime
+
+
+class CpuProvider:
+    """ONNX Runtime's CPU execution provider."""
+
+    def providers(self, options: Dict[str, Any]) -> List[Any]:
+        return ["CPUExecutionProvider"]
+
+    def configure(self, so: Any, options: Dict[str, Any]) -> None:
+        """Provider-specific session settings."""
+
+    def run_options(self, options: Dict[str, Any]) -> Any:
+        """Default RunOptions for the model's runs (None: ONNX Runtime's defaults)."""
+        return None
+
+
+class CudaProvider(CpuProvider):
+    """ONNX Runtime's CUDA execution provider on one device, with the CPU provider as fallback."""
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+
+    def providers(self, options: Dict[str, Any]) -> List[Any]:
+        ort = ort_module()
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception:
+                pass
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ModelCacheError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+                                  f"(providers: {ort.get_available_providers()}); install onnxruntime-gpu")
+        cuda = {"device_id": str(self.device), "arena_extend_strategy": "kSameAsRequested",
+                "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
+        cuda.update({k: str(v) for k, v in (options.get("provider_options") or {}).items()})
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+    def configure(self, so: Any, options: Dict[str, Any]) -> None:
+        if options.get("shared_arena", False) and self._shared_arena():
+            so.add_session_config_entry("session.use_env_allocators", "1")
+
+    def run_options(self, options: Dict[str, Any]) -> Any:
+        """With ``shrink_arena`` (default False; no effect measured on the H100), arenas give back
+        what a run allocated once it ends."""
+        if not options.get("shrink_arena", False):
+            return None
+        run_options = ort_module().RunOptions()
+        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.device}")
+        return run_options
+
+    def _shared_arena(self) -> bool:
+        """One CUDA arena shared by every session of the process (registered once per device), so
+        N cached models do not each keep an arena of their own. False if ONNX Runtime refuses."""
+        with _env_arenas_lock:
+            if self.device in _env_arenas:
+                return True
+            ort = ort_module()
+            try:
+                info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, self.device,
+                                         ort.OrtMemType.DEFAULT)
+                cfg = ort.OrtArenaCfg({"max_mem": 0, "arena_extend_strategy": 1, "initial_chunk_size_bytes": -1,
+                                       "max_dead_bytes_per_chunk": -1})
+                ort.create_and_register_allocator(info, cfg)
+            except Exception:
+                return False
+            _env_arenas.add(self.device)
+            return True
+
+
+#: the provider for each device type a DeviceMemory shows to runtimes
+PROVIDERS = {"cpu": lambda device: CpuProvider(), "cuda": CudaProvider}
+
+
+class Gate:
+    """A readers/writer lock preferring the writer: any number of runs and allocations at once, or
+    one memory measurement alone (waiting readers let a waiting measurement go first)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+class Sessions:
+    """Makes the sessions of one backend (see the module docstring)."""
+
+    def __init__(self, memory: DeviceMemory, disk_dir: Optional[str]) -> None:
+        self.memory = memory
+        self.device = PROVIDERS[memory.kind](memory.index)
+        self.cpu = CpuProvider()
+        self.gate = Gate()       # device allocations and runs (shared) vs a memory measurement (exclusive)
+        self._disk_dir = disk_dir
+        self._scratch: Optional[str] = None
+        self._shm: Optional[str] = None
+        self._lock = threading.Lock()
+
+    def create(self, name: str, graph: Any, block: Optional[HostBlock], nbytes: int, *, cpu: bool,
+               options: Dict[str, Any], weights_as_inputs: bool = False, optimized: bool = False,
+               save_optimized: Optional[str] = None) -> Any:
+        """An InferenceSession of ``graph`` (bytes or a path); external weights come from ``block``
+        in memory. ``cpu``: on the CPU provider whatever the device."""
+        ort = ort_module()
+        provider = self.cpu if cpu else self.device
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        for key, val in (options.get("session_options") or {}).items():
+            setattr(so, key, val)
+        if optimized:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        provider.configure(so, options)
+        if save_optimized:
+            so.optimized_model_filepath = save_optimized
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        os.path.basename(save_optimized) + ".data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                        str(int(options.get("weights_threshold", MiB))))
+        source: Any = graph
+        if block is not None and not weights_as_inputs:
+            if hasattr(so, "add_external_initializers_from_files_in_memory"):
+                so.add_external_initializers_from_files_in_memory([WEIGHTS_FILE], [block.array[:nbytes]], [nbytes])
+            else:   # older onnxruntime: the weights go through a scratch file
+                source = self._scratch_files(graph, block, nbytes)
+        try:
+            return ort.InferenceSession(source, sess_options=so, providers=provider.providers(options))
+        except ModelCacheError:
+            raise
+        except Exception as exc:
+            raise InvalidModelError(f"ONNX Runtime rejected the model: {type(exc).__name__}: {str(exc)[:500]}",
+                                    model=name) from exc
+
+    def run_options(self, options: Dict[str, Any]) -> Any:
+        return self.device.run_options(options)
+
+    # files ------------------------------------------------------------------------------------
+    def host_files_dir(self, nbytes: int) -> str:
+        """/dev/shm (RAM) when it has room for twice ``nbytes``, else the scratch folder."""
+        with self._lock:
+            if self._shm is None:
+                try:
+                    self._shm = tempfile.mkdtemp(prefix="modelcache-ort-", dir="/dev/shm")
+                except OSError:
+                    self._shm = ""
+            shm = self._shm
+        if shm and shutil.disk_usage(shm).free >= 2 * nbytes + 64 * MiB:
+            return shm
+        return self.scratch_dir()
+
+    def in_ram(self, folder: str) -> bool:
+        """Whether ``folder`` is in RAM-backed storage (counts as host memory)."""
+        return bool(self._shm) and folder.startswith(self._shm or "\0")
+
+    def scratch_dir(self) -> str:
+        with self._lock:
+            if self._scratch is None:
+                self._scratch = tempfile.mkdtemp(prefix="modelcache-ort-", dir=self._disk_dir)
+            return self._scratch
+
+    def _scratch_files(self, graph: bytes, block: HostBlock, nbytes: int) -> str:
+        folder = tempfile.mkdtemp(dir=self.scratch_dir())
+        with open(os.path.join(folder, WEIGHTS_FILE), "wb") as f:
+            f.write(memoryview(block.array)[:nbytes])
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(graph)
+        return path
+
+    def close(self) -> None:
+        for folder in (self._scratch, self._shm):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)

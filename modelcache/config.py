@@ -1,0 +1,75 @@
+"""Checking and resolving ``ModelCache``'s arguments: every bad value is a :class:`ConfigError` at
+the call that received it, naming the value and what is allowed."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from .devices import DeviceMonitor, HostMonitor, NvmlMonitor
+from .errors import ConfigError, MonitorError
+from .policies import Policy, make_policy
+from .sizes import Size, parse_size
+
+
+@dataclass
+class Settings:
+    """``ModelCache``'s arguments, checked; sizes in bytes, times in seconds."""
+
+    policy: Policy
+    monitor: DeviceMonitor
+    owns_monitor: bool
+    device_budget_bytes: int
+    reserve_bytes: int
+    host_budget_bytes: int
+    disk_dir: Optional[str]
+    watch_interval: Optional[float]
+    prefetch_workers: int
+    max_swap_ins: Optional[int]
+
+
+def resolve(device: Optional[int], device_budget: Optional[Size], reserve: Size, host_budget: Optional[Size],
+            disk_dir: Union[None, str, "os.PathLike[str]"], policy: Union[str, Policy],
+            monitor: Optional[DeviceMonitor], watch_interval: Optional[float], prefetch_workers: int,
+            max_swap_ins: Optional[int]) -> Settings:
+    """Check ``ModelCache``'s arguments and resolve defaults (opening NVML when no monitor is given)."""
+    chosen = make_policy(policy)
+    if max_swap_ins is not None and (not isinstance(max_swap_ins, int) or max_swap_ins < 1):
+        raise ConfigError(f"max_swap_ins={max_swap_ins!r}; use an int >= 1, or None for no limit")
+    if prefetch_workers < 1:
+        raise ConfigError(f"prefetch_workers={prefetch_workers} must be >= 1")
+    owns_monitor = monitor is None
+    if monitor is None:
+        try:
+            monitor = NvmlMonitor(device)
+        except MonitorError as exc:
+            raise MonitorError(f"{exc.reason}. On a machine without an NVIDIA GPU, pass "
+                               f"monitor=modelcache.SimulatedDevice(total='16GiB')") from exc
+    elif device is not None and device != monitor.device:
+        raise ConfigError(f"device={device} but the monitor watches device {monitor.device}")
+    try:
+        total = monitor.total_bytes()
+        reserve_bytes = parse_size(reserve, total=total, what="reserve")
+        if reserve_bytes >= total:
+            raise ConfigError(f"reserve={reserve!r} ({reserve_bytes} B) must be below the device's total of {total} B")
+        if device_budget is None:
+            budget = total - reserve_bytes
+        else:
+            budget = parse_size(device_budget, total=total, what="device_budget")
+            if not 0 < budget <= total:
+                raise ConfigError(f"device_budget={device_budget!r} ({budget} B) must be in 1..{total} B "
+                                  f"(the device's total)")
+        host = HostMonitor()
+        if host_budget is None:
+            host_budget_bytes = host.available_bytes() // 2
+        else:
+            host_budget_bytes = parse_size(host_budget, total=host.total_bytes(), what="host_budget")
+        folder = os.fspath(disk_dir) if disk_dir is not None else None
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+    except BaseException:
+        if owns_monitor:
+            monitor.close()
+        raise
+    return Settings(chosen, monitor, owns_monitor, budget, reserve_bytes, host_budget_bytes, folder,
+                    watch_interval, prefetch_workers, max_swap_ins)

@@ -1,0 +1,222 @@
+"""The device interface, in two parts:
+
+- :class:`DeviceMonitor`: memory *readings* (total, free, this process's use). A new memory signal
+  is one subclass in its own module of this package.
+- :class:`DeviceMemory`: memory *operations* a backend needs (allocate, free, host->device copies,
+  synchronize, measuring what a runtime took, a thread for a runtime's calls). One implementation
+  per kind of device: CUDA (``cuda.py``) and simulated (``simulated.py``). Backends call this
+  interface and never ask which kind of device they run on.
+
+A monitor gives its device's operations as :attr:`DeviceMonitor.memory`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
+
+from .host import HostPool
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """One reading of a device's memory, in bytes. ``process_bytes`` is this process's use,
+    or None where the signal cannot attribute memory to processes."""
+
+    total_bytes: int
+    free_bytes: int
+    used_bytes: int
+    process_bytes: Optional[int]
+
+
+class DeviceMonitor(ABC):
+    """Reads a device's memory. Must be thread-safe; ``free_bytes`` is called on every planned load."""
+
+    #: True for :class:`SimulatedDevice` (for tools that report what they ran on; backends never read it)
+    simulated: bool = False
+    device: int = 0
+    name: str = "device"
+
+    @abstractmethod
+    def total_bytes(self) -> int:
+        """Total memory of the device."""
+
+    @abstractmethod
+    def free_bytes(self) -> int:
+        """Memory free on the device right now, whoever else uses it."""
+
+    def used_bytes(self) -> int:
+        """Memory in use on the device by every process."""
+        return self.total_bytes() - self.free_bytes()
+
+    def process_bytes(self, pid: Optional[int] = None) -> Optional[int]:
+        """Memory used by process ``pid`` (None: this process), or None if unknown."""
+        return None
+
+    def reading(self) -> MemoryReading:
+        total, free = self.total_bytes(), self.free_bytes()
+        return MemoryReading(total, free, total - free, self.process_bytes())
+
+    @property
+    def memory(self) -> "DeviceMemory":
+        """Memory operations on this device: CUDA through cuda-python unless the monitor is a
+        simulated device (made on first use; cuda-python is imported only when an operation runs)."""
+        memory = self.__dict__.get("_memory")
+        if memory is None:
+            from .cuda import CudaMemory
+            memory = self.__dict__.setdefault("_memory", CudaMemory(self))
+        return memory
+
+    def close(self) -> None:
+        """Release what the monitor holds (NVML handles, streams)."""
+        memory = self.__dict__.get("_memory")
+        if memory is not None:
+            memory.close()
+
+
+class Buffer(ABC):
+    """Device memory owned by the caller: ``ptr`` is its address in the device type runtimes see
+    (:attr:`DeviceMemory.kind`), ``nbytes`` its size. :meth:`free` is idempotent."""
+
+    ptr: int
+    nbytes: int
+
+    @abstractmethod
+    def free(self) -> None:
+        """Give the memory back; nothing may use it any more."""
+
+
+class Charge:
+    """Device bytes a runtime (a session, an engine, a torch module) holds, as accounted on the
+    device: on a GPU the runtime's own allocations already show there and :meth:`free` does
+    nothing; on a simulated device the bytes are booked and :meth:`free` returns them."""
+
+    __slots__ = ("nbytes", "_release")
+
+    def __init__(self, nbytes: int, release: Optional[Callable[[], None]] = None) -> None:
+        self.nbytes = nbytes
+        self._release = release
+
+    def free(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __repr__(self) -> str:
+        return f"Charge({self.nbytes} B)"
+
+
+class Runner(ABC):
+    """Runs a runtime's calls for one session or engine (see :meth:`DeviceMemory.new_runner`)."""
+
+    @abstractmethod
+    def submit(self, fn: Callable[..., T], *args: Any) -> "Future[T]": ...
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the runner; its result, or its exception raised here."""
+        return self.submit(fn, *args).result()
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """No further calls; calls already submitted still run."""
+
+
+class InlineRunner(Runner):
+    """Runs calls in the calling thread (where runtimes keep no per-thread device state)."""
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> "Future[T]":
+        future: "Future[T]" = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # delivered through the Future, as an executor would
+            future.set_exception(exc)
+        return future
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class ThreadRunner(Runner):
+    """A thread of its own: runtimes that keep device state per calling thread (ONNX Runtime's
+    CUDA provider keeps cuBLAS/cuDNN handles and workspaces for every thread that runs a
+    session) keep it for this one thread only."""
+
+    def __init__(self, label: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"modelcache-{label}"[:40])
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> "Future[T]":
+        return self._executor.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+class DeviceMemory(ABC):
+    """Memory operations on one device, for backends. Thread-safe. Copies and synchronization
+    act on the calling thread's own stream, so concurrent moves do not serialize."""
+
+    #: the device type runtimes see for this memory: ``"cuda"``, or ``"cpu"`` for a simulated
+    #: device (whose buffers are host memory, so runtimes can read them)
+    kind: str = "cuda"
+    #: the device's ordinal for runtimes
+    index: int = 0
+    #: what ``torch.Tensor.to`` takes for this device (``"cuda:0"``, or ``"cpu"``)
+    torch_device: str = "cpu"
+    #: device bytes a runtime session costs besides its weights, for planning before one was
+    #: measured (0: unknown)
+    session_overhead_bytes: int = 0
+
+    @abstractmethod
+    def allocate(self, nbytes: int, owner: str = "") -> Buffer:
+        """``nbytes`` of device memory (in the calling thread's stream order where supported).
+        Raises :class:`DeviceOutOfMemoryError` when the device has no room."""
+
+    @abstractmethod
+    def charge(self, nbytes: int, owner: str = "") -> Charge:
+        """Account for ``nbytes`` that a runtime allocates itself (see :class:`Charge`)."""
+
+    @abstractmethod
+    def measure(self, fn: Callable[[], T], *, expected_bytes: int, owner: str = "") -> Tuple[T, Charge]:
+        """Run ``fn`` (which makes a runtime allocate device memory: a session, an engine) and
+        return its result and a :class:`Charge` for what it took: on a GPU, this process's growth
+        as the monitor reads it; on a simulated device, ``expected_bytes`` booked before ``fn``
+        runs (so a full device fails as a GPU would)."""
+
+    @abstractmethod
+    def copy_to_device(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        """Start copying ``nbytes`` from host address ``src_ptr`` to ``dst_ptr`` on the device."""
+
+    @abstractmethod
+    def copy_to_host(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        """Start copying ``nbytes`` from device address ``src_ptr`` to host address ``dst_ptr``."""
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Wait for the calling thread's copies (and work queued on its stream) to finish."""
+
+    def stream_handle(self) -> int:
+        """The calling thread's stream, as an int for runtimes (0: the default stream)."""
+        return 0
+
+    @abstractmethod
+    def new_host_pool(self) -> HostPool:
+        """A pool of host blocks fit for fast copies to this device (pinned on a GPU)."""
+
+    @abstractmethod
+    def new_runner(self, label: str) -> Runner:
+        """Where one runtime session's calls run (see :class:`ThreadRunner`)."""
+
+    def describe(self) -> Dict[str, Any]:
+        """What compiled artefacts are tied to: ``cuda_version``, ``gpu_name`` and
+        ``compute_capability`` (None where unknown, e.g. on a simulated device)."""
+        return {"cuda_version": None, "gpu_name": None, "compute_capability": None}
+
+    def close(self) -> None:
+        """Release streams and other per-device resources."""

@@ -1,0 +1,255 @@
+"""The ledger: what each registered model holds, the device room promised to swap-ins in flight,
+and which models give way when room is needed. It has no threads and no lock: the cache calls it
+with its own lock held, and tests can drive it alone.
+
+Accounting (see docs/design.md): the accounted bytes are the resident models' device bytes, what
+parked models keep on the device, and for each swap-in in flight ``max(its need, the bytes its
+victims still hold)``, so two swap-ins never spend the same room.
+"""
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import Future
+from typing import Any, Dict, List, Optional, Tuple
+
+from .backends import Backend, Handle
+from .errors import ModelTooLargeError
+from .policies import Candidate, Policy
+from .sizes import format_bytes
+from .tiers import EntryInfo, Tier
+
+
+class Entry:
+    """A registered model. Fields are read and written with the cache's lock held."""
+
+    __slots__ = ("name", "loader", "backend_spec", "backend", "options", "pinned", "owner", "handle",
+                 "tier", "moving", "moving_to", "evicting_for", "leases", "hits", "misses", "loads",
+                 "uses", "tick", "last_used", "swap_in_seconds", "load_seconds", "last_error", "removed",
+                 "unpark_after")
+
+    def __init__(self, name: str, loader: Any, backend_spec: Any, options: Dict[str, Any],
+                 pinned: bool, owner: Any) -> None:
+        self.name = name
+        self.loader = loader
+        self.backend_spec = backend_spec
+        self.backend: Optional[Backend] = None
+        self.options = options
+        self.pinned = pinned
+        self.owner = owner
+        self.handle: Optional[Handle] = None
+        self.tier = Tier.UNLOADED
+        self.moving: Optional[Future] = None          # the move in flight; others wait on it
+        self.moving_to: Optional[Tier] = None
+        self.evicting_for: Optional[Reservation] = None
+        self.leases = self.hits = self.misses = self.loads = self.uses = self.tick = 0
+        self.last_used: Optional[float] = None
+        self.swap_in_seconds: Optional[float] = None
+        self.load_seconds: Optional[float] = None
+        self.last_error: Optional[str] = None
+        self.removed = False
+        self.unpark_after = False    # a victim whose kept device bytes go too (planner's choice)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.handle.device_bytes if self.handle is not None else 0
+
+    @property
+    def host_bytes(self) -> int:
+        return self.handle.host_bytes if self.handle is not None else 0
+
+    @property
+    def parked_bytes(self) -> int:
+        """Device bytes held while off the device tier."""
+        if self.handle is None or self.tier is Tier.DEVICE:
+            return 0
+        return self.handle.parked_device_bytes()
+
+    @property
+    def unpark_frees(self) -> int:
+        """Device bytes unparking would free (parked bytes may be shared with other models)."""
+        if self.handle is None or self.tier is not Tier.HOST:
+            return 0
+        return self.handle.unpark_frees_bytes()
+
+    @property
+    def freed_by_eviction(self) -> int:
+        """Device bytes a move to the host tier frees."""
+        return self.device_bytes - (self.handle.kept_after_eviction() if self.handle is not None else 0)
+
+    def need(self) -> Optional[int]:
+        """Device bytes this model will add when it moves to the device, if known."""
+        if self.handle is not None:
+            return max(0, self.handle.estimated_device_bytes() - self.parked_bytes)
+        return self.options.get("size_hint")
+
+    def idle(self) -> bool:
+        """Not moving and not leased: a move may start."""
+        return self.moving is None and self.leases == 0
+
+    def candidate(self, nbytes: int) -> Candidate:
+        reload = self.swap_in_seconds if self.swap_in_seconds is not None else (self.load_seconds or 0.0)
+        return Candidate(self.name, nbytes, self.tick, self.uses, reload)
+
+    def snapshot(self) -> EntryInfo:
+        """What ``ModelCache.info()`` returns for this entry."""
+        spec = self.backend_spec
+        return EntryInfo(
+            name=self.name, tier=self.tier, device_bytes=self.device_bytes, host_bytes=self.host_bytes,
+            disk_path=self.handle.disk_path if self.handle is not None else None, hits=self.hits,
+            misses=self.misses, loads=self.loads, leases=self.leases, last_used=self.last_used,
+            backend=self.backend.name if self.backend is not None else (
+                spec if isinstance(spec, str) else getattr(spec, "name", None)),
+            pinned=self.pinned, moving_to=self.moving_to, swap_in_seconds=self.swap_in_seconds,
+            last_error=self.last_error, details=self.handle.details() if self.handle is not None else {})
+
+
+class Reservation:
+    """Device room promised to a swap-in in flight. Its victims' bytes count towards it until they
+    have left the device, so the accounted total never exceeds the budget at any moment."""
+
+    __slots__ = ("entry", "need", "victims")
+
+    def __init__(self, entry: Entry, need: int, victims: List[Entry]) -> None:
+        self.entry, self.need, self.victims = entry, need, victims
+
+    def claim(self) -> int:
+        on_device = sum(v.device_bytes if v.tier is Tier.DEVICE else v.parked_bytes for v in self.victims)
+        return max(self.need, on_device)
+
+
+class Ledger:
+    """Entries, reservations and victim choice for one cache. Sizes are bytes."""
+
+    def __init__(self, policy: Policy, device_budget: int, reserve: int, host_budget: int,
+                 total: int, disk: bool) -> None:
+        self.policy = policy
+        self.device_budget = device_budget
+        self.reserve = reserve
+        self.host_budget = host_budget
+        self.total = total               # the device's total bytes
+        self.disk = disk                 # a disk tier exists
+        self.entries: Dict[str, Entry] = {}
+        self.reservations: List[Reservation] = []
+
+    # accounting ----------------------------------------------------------------------------
+    def accounted_bytes(self) -> int:
+        """Device bytes the cache answers for: residents, what parked models keep on the device,
+        and rooms promised to swap-ins."""
+        total = sum(e.device_bytes if e.tier is Tier.DEVICE else e.parked_bytes for e in self.entries.values()
+                    if e.evicting_for is None)
+        return total + sum(r.claim() for r in self.reservations)
+
+    def host_bytes(self) -> int:
+        return sum(e.host_bytes for e in self.entries.values())
+
+    def check_fits(self, name: str, need: int) -> None:
+        """Raise :class:`ModelTooLargeError` if ``need`` is beyond the whole budget."""
+        limit = min(self.device_budget, self.total - self.reserve)
+        if need > limit:
+            raise ModelTooLargeError(
+                f"needs {need} B ({format_bytes(need)}) on the device, more than the whole budget of "
+                f"{limit} B ({format_bytes(limit)}; device_budget={self.device_budget} B, "
+                f"reserve={self.reserve} B)", model=name)
+
+    # reservations --------------------------------------------------------------------------
+    def reserve_room(self, entry: Entry, need: int, victims: List[Entry]) -> Reservation:
+        reservation = Reservation(entry, need, victims)
+        for victim in victims:
+            victim.evicting_for = reservation
+        self.reservations.append(reservation)
+        return reservation
+
+    def release_room(self, reservation: Reservation) -> None:
+        self.reservations.remove(reservation)
+
+    # victims -------------------------------------------------------------------------------
+    def choose_victims(self, need: int, exclude: Optional[Entry], free_bytes: int) -> Optional[List[Entry]]:
+        """The victims that make room for ``need`` more device bytes, in policy order, such that
+        the accounted bytes stay within the budget and the projected free memory (``free_bytes``
+        read now) stays at or above the reserve. None if evicting every evictable model would not
+        be enough."""
+        victims, enough = self.pick_victims(need, exclude, free_bytes)
+        if not enough:
+            for victim in victims:
+                victim.unpark_after = False
+            return None
+        for victim in victims:
+            self.policy.on_evict(victim.candidate(victim.device_bytes))
+        return victims
+
+    def pick_victims(self, need: int, exclude: Optional[Entry], free_bytes: int) -> Tuple[List[Entry], bool]:
+        """Victims in ranked order until ``need`` more bytes fit both the budget and the reserve,
+        and whether they suffice. A model ranked again for an unpark after its eviction is marked
+        ``unpark_after`` instead of listed twice."""
+        over_budget = self.accounted_bytes() + need - self.device_budget
+        pending = sum(r.need for r in self.reservations)
+        short_free = self.reserve - (free_bytes - pending - need)
+        victims: List[Entry] = []
+        freed = 0
+        for candidate, unpark in self.ranked_victims(exclude):
+            if freed >= over_budget and freed >= short_free:
+                break
+            victim = self.entries[candidate.name]
+            if unpark and victim in victims:
+                victim.unpark_after = True      # evicted and its kept bytes freed too
+            else:
+                victims.append(victim)
+            freed += candidate.nbytes
+        return victims, freed >= over_budget and freed >= short_free
+
+    def evictable(self, exclude: Optional[Entry] = None) -> List[Candidate]:
+        return [e.candidate(e.freed_by_eviction) for e in self.entries.values()
+                if e.tier is Tier.DEVICE and e.idle() and not e.pinned and e is not exclude]
+
+    def ranked_victims(self, exclude: Optional[Entry] = None) -> List[Tuple[Candidate, bool]]:
+        """(candidate, unpark) pairs: resident models in policy order (evict); then parked models
+        that keep device bytes (unpark: their backend drops e.g. a session kept for fast
+        swap-ins); then, once more, resident models whose eviction would keep such bytes (evict
+        and unpark). ``candidate.nbytes`` is what each step frees."""
+        evictable = self.evictable(exclude)
+        parked = [e.candidate(e.unpark_frees) for e in self.entries.values()
+                  if e.tier is Tier.HOST and e.idle() and e is not exclude and e.unpark_frees > 0]
+        kept = [dataclasses.replace(c, nbytes=self.entries[c.name].handle.unpark_frees_bytes())  # type: ignore[union-attr]
+                for c in evictable]
+        rank = self.policy.rank
+        return ([(c, False) for c in rank(evictable)] + [(c, True) for c in rank(parked)]
+                + [(c, True) for c in rank([c for c in kept if c.nbytes > 0])])
+
+    def eviction_target(self, entry: Entry) -> Tier:
+        """Host (for a parked model: stay there, unparked), unless the model alone is larger than
+        the host budget."""
+        assert entry.handle is not None
+        if entry.tier is Tier.HOST or entry.handle.estimated_host_bytes() <= self.host_budget:
+            return Tier.HOST
+        return self.below_host(entry)
+
+    def below_host(self, entry: Entry) -> Tier:
+        backend = entry.backend
+        if self.disk and backend is not None and backend.supports_disk:
+            return Tier.DISK
+        return Tier.UNLOADED
+
+    def host_victims(self, keep: Optional[Entry]) -> List[Entry]:
+        """Parked models (policy order) to demote below the host until the host bytes fit."""
+        over = self.host_bytes() - self.host_budget
+        if over <= 0:
+            return []
+        candidates = [e.candidate(e.host_bytes) for e in self.entries.values()
+                      if e.tier is Tier.HOST and e.idle() and e is not keep]
+        victims = []
+        for candidate in self.policy.rank(candidates):
+            if over <= 0:
+                break
+            victims.append(self.entries[candidate.name])
+            over -= candidate.nbytes
+        return victims
+
+    def busy_reason(self, need: int, timeout: Optional[float], free_bytes: int, max_swap_ins: Optional[int]) -> str:
+        """Why no room was found, for :class:`DeviceBusyError`."""
+        leased = sorted(e.name for e in self.entries.values() if e.tier is Tier.DEVICE and e.leases)
+        if max_swap_ins is not None and len(self.reservations) >= max_swap_ins:
+            return (f"no swap-in slot after {timeout} s: {len(self.reservations)} swap-ins in flight, "
+                    f"max_swap_ins={max_swap_ins}")
+        return (f"no room for {need} B on the device after {timeout} s: {self.accounted_bytes()} B of the "
+                f"{self.device_budget} B budget in use or promised, {free_bytes} B free "
+                f"against a reserve of {self.reserve} B; leased: {leased or 'none'}")

@@ -1,0 +1,186 @@
+"""Moves between tiers, with the cache's lock released while bytes move: the bookkeeping every
+move shares (begin, commit, roll back with a typed error its waiters get too) and the moves down
+(evictions, demotions below the host, pressure relief).
+
+The way up (load, swap-in) is the request path and stays in ``cache.py``; both call
+:meth:`Mover.fail` to roll a move back.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional
+
+from .backends import Backend, Handle
+from .errors import BackendError, ConfigError, ModelCacheError
+from .ledger import Entry
+from .tiers import Tier
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache import ModelCache
+
+logger = logging.getLogger("modelcache")
+
+
+class Mover:
+    """Move bookkeeping and moves down for one cache (it reads the cache's lock, ledger and
+    recorder). Methods named ``*_locked`` need the cache's lock held; the others must not."""
+
+    def __init__(self, cache: "ModelCache") -> None:
+        self._cache = cache
+        self._cond = cache._cond
+        self._ledger = cache._ledger
+        self._record = cache._record
+
+    # bookkeeping ---------------------------------------------------------------------------------
+    @staticmethod
+    def begin_locked(entry: Entry, target: Tier) -> None:
+        entry.moving = Future()
+        entry.moving_to = target
+
+    def end_locked(self, entry: Entry, error: Optional[BaseException] = None) -> None:
+        """Finish ``entry``'s move and wake its waiters (they get ``error`` if one is given)."""
+        moving, entry.moving, entry.moving_to, entry.evicting_for = entry.moving, None, None, None
+        entry.unpark_after = False
+        if error is not None:
+            entry.last_error = str(error)
+        self._cond.notify_all()
+        if moving is not None:
+            if error is None:
+                moving.set_result(None)
+            else:
+                moving.set_exception(error)
+
+    def fail(self, entry: Entry, exc: BaseException, doing: str, *, counter: Optional[str] = "errors.move",
+             undo: Optional[Callable[[], None]] = None, cause: Optional[BaseException] = None) -> NoReturn:
+        """A move of ``entry`` failed: count it, ``undo`` what the move had taken (under the lock),
+        end the move with a typed error that its waiters get too, log it and raise it."""
+        error = wrap(entry, exc, doing)
+        with self._cond:
+            if counter is not None:
+                self._record.incr(counter)
+            if undo is not None:
+                undo()
+            self.end_locked(entry, error)
+        logger.warning("%s", error)
+        cause = cause if cause is not None else exc
+        if error is cause:
+            raise error
+        raise error from cause
+
+    # moves down ----------------------------------------------------------------------------------
+    def down(self, entry: Entry, reason: str) -> None:
+        """Move ``entry`` down to ``entry.moving_to`` (set by the planner), a step at a time,
+        committing after each step. Raises; the entry then stays where it got to."""
+        target = entry.moving_to
+        assert entry.handle is not None and entry.backend is not None and target is not None
+        backend, handle, record = entry.backend, entry.handle, self._record
+        try:
+            if handle.tier is Tier.HOST and target is Tier.HOST:   # a parked model: free what it keeps
+                backend.unpark(handle)
+                record.incr("unparks")
+            if handle.tier is Tier.DEVICE:
+                if target is not Tier.UNLOADED:   # unloading frees the device directly
+                    start = time.perf_counter()
+                    backend.to_host(handle)
+                    record.observe("swap_out", time.perf_counter() - start)
+                    if entry.unpark_after and target is Tier.HOST:
+                        backend.unpark(handle)
+                        record.incr("unparks")
+                record.incr("evictions")
+                record.incr(f"evictions.{reason}")
+            if target is Tier.DISK and handle.tier is not Tier.DISK:
+                with self._cond:                  # the device bytes are gone: let planners see it
+                    entry.tier, entry.evicting_for = handle.tier, None
+                    self._cond.notify_all()
+                start = time.perf_counter()
+                backend.to_disk(handle, self._disk_dir())
+                record.observe("to_disk", time.perf_counter() - start)
+                record.incr("demotions.disk")
+            elif target is Tier.UNLOADED:
+                backend.release(handle)
+                record.incr("demotions.unloaded")
+        except BaseException as exc:
+            self.fail(entry, exc, f"moving it to {target}", undo=lambda: setattr(entry, "tier", handle.tier))
+        with self._cond:
+            entry.tier = handle.tier
+            if entry.tier is Tier.UNLOADED:
+                entry.handle = None
+            self.end_locked(entry)
+
+    def all_down(self, victims: List[Entry], reason: str) -> int:
+        """Move each victim down (its target set by the planner); returns how many moved. A
+        failure is logged and counted, and leaves that model where it got to."""
+        moved = 0
+        for victim in victims:
+            with contextlib.suppress(ModelCacheError):
+                self.down(victim, reason)
+                moved += 1
+        return moved
+
+    def settle_host(self, keep: Optional[Entry] = None) -> None:
+        """Demote parked models (policy order) to disk or unloaded while the host budget is exceeded."""
+        with self._cond:
+            if self._cache._closed:
+                return
+            victims = self._ledger.host_victims(keep)
+            for victim in victims:
+                self.begin_locked(victim, self._ledger.below_host(victim))
+        self.all_down(victims, "host")
+
+    def relieve(self, exclude: Optional[Entry] = None) -> int:
+        """Evict (policy order) until the accounted bytes fit the budget and the device's free
+        memory is at least the reserve; returns the number of models evicted."""
+        with self._cond:
+            if self._cache._closed:
+                return 0
+            victims, _ = self._ledger.pick_victims(0, exclude, self._cache.monitor.free_bytes())  # enough or not
+            for victim in victims:
+                self._cache.policy.on_evict(victim.candidate(victim.device_bytes))
+                self.begin_locked(victim, self._ledger.eviction_target(victim))
+        evicted = self.all_down(victims, "pressure")
+        if victims:
+            self.settle_host()
+        return evicted
+
+    def _disk_dir(self) -> str:
+        if self._cache.disk_dir is None:
+            raise ConfigError("the disk tier needs the cache's disk_dir")
+        return self._cache.disk_dir
+
+
+def wrap(entry: Entry, exc: BaseException, doing: str) -> ModelCacheError:
+    """``exc`` as a :class:`ModelCacheError` naming ``entry``'s model."""
+    if isinstance(exc, ModelCacheError):
+        if exc.model is None:
+            exc.model = entry.name
+        return exc
+    return BackendError(f"{type(exc).__name__} while {doing}: {exc}", model=entry.name)
+
+
+def call_loader(loader: Any) -> Any:
+    """A loader is called if callable (torch modules and tensors count as values), else returned."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(loader, (torch.nn.Module, torch.Tensor)):
+        return loader
+    return loader() if callable(loader) else loader
+
+
+def release_quietly(backend: Backend, handle: Handle) -> None:
+    try:
+        backend.release(handle)
+    except Exception:
+        logger.exception("modelcache: releasing %r failed", handle.name)
+
+
+def make_deadline(timeout: Optional[float]) -> Optional[float]:
+    if timeout is not None and timeout < 0:
+        raise ConfigError(f"timeout={timeout!r} must be >= 0 seconds or None")
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def time_left(at: Optional[float]) -> Optional[float]:
+    return None if at is None else max(0.0, at - time.monotonic())

@@ -1,0 +1,221 @@
+"""The ways of serving a stress trace: modelcache (one contender per policy) and the baselines a
+user would otherwise write (LRU by model count as Ray Serve does it; the seed's load-per-request).
+A contender's device memory is this process's growth since it started (NVML), or its allocations
+on a simulated device."""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ...devices import DeviceMonitor
+from ...tiers import Tier
+from .models import ModelSpec
+
+MiB = 1 << 20
+
+
+class Contender:
+    """One way of serving the trace. Device memory is this process's growth since the contender
+    started (NVML), or its allocations on a simulated device."""
+
+    name = "contender"
+
+    def __init__(self, monitor: DeviceMonitor) -> None:
+        self.monitor = monitor
+        self._base = 0 if monitor.simulated else (monitor.process_bytes() or 0)
+
+    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
+        """Run ``spec`` on its input: (output, hit)."""
+        raise NotImplementedError
+
+    def device_bytes(self) -> int:
+        return (self.monitor.process_bytes() or 0) - self._base
+
+    def tiers(self) -> Tuple[int, int]:
+        """(models on the device, models on the host)."""
+        return (0, 0)
+
+    def swap_ins(self) -> int:
+        return 0
+
+    def median_swap_in(self) -> Optional[float]:
+        return None
+
+    def extra(self) -> Dict[str, Any]:
+        """Figures of the contender's own, for the report (after the run)."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class ModelCacheContender(Contender):
+    def __init__(self, policy: str, specs: Sequence[ModelSpec], monitor: DeviceMonitor, budget: int,
+                 reserve: int, max_swap_ins: Optional[int] = None) -> None:
+        from ...cache import ModelCache
+        self.name = f"modelcache-{policy}"
+        self.cache = ModelCache(monitor=monitor, device_budget=budget, reserve=reserve, policy=policy, max_swap_ins=max_swap_ins,
+                                watch_interval=0.1)
+        threshold = min(MiB, min(s.nbytes for s in specs) // 8)
+        for spec in specs:
+            self.cache.register(spec.name, spec.path, backend="onnxruntime", mode="weights", verify=False,
+                                host_session=False, weights_threshold=max(threshold, 1024))
+        futures = [self.cache.prefetch(spec.name, tier=Tier.HOST, timeout=None) for spec in specs]
+        for fut in futures:
+            fut.result()
+        super().__init__(monitor)     # the baseline: after parking every model on the host
+
+    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
+        lease = self.cache.use(spec.name, timeout=300)
+        model = lease.acquire()
+        try:
+            return model.run(None, {"x": spec.x})[0], bool(lease.hit)
+        finally:
+            lease.release()
+
+    def tiers(self) -> Tuple[int, int]:
+        stats = self.cache.stats()
+        return stats["models.device"], stats["models.host"]
+
+    def swap_ins(self) -> int:
+        return int(self.cache.stats().get("swap_in.count", 0))
+
+    def median_swap_in(self) -> Optional[float]:
+        return self.cache.stats().get("swap_in.seconds.p50")
+
+    def extra(self) -> Dict[str, Any]:
+        stats = self.cache.stats()
+        keys = ("swap_in.seconds.p95", "swap_in.seconds.p99", "swap_in.seconds.max", "swap_out.seconds.p50",
+                "swap_out.seconds.p99", "waits.room", "evictions", "unparks", "onnxruntime.sessions",
+                "onnxruntime.sessions.bytes", "onnxruntime.sessions.created")
+        return {f"cache.{k}": stats[k] for k in keys if k in stats}
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+class _SessionContender(Contender):
+    """Shared by the baselines: stock ONNX Runtime sessions created from the model file."""
+
+    def __init__(self, monitor: DeviceMonitor) -> None:
+        import onnxruntime as ort
+        super().__init__(monitor)
+        self.ort = ort
+        self.providers = ["CPUExecutionProvider"] if monitor.simulated else \
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self._loads = 0
+        self._load_times: List[float] = []
+        self._lock = threading.Lock()
+
+    def _create(self, spec: ModelSpec) -> Tuple[Any, Any]:
+        allocation = None
+        if self.monitor.simulated:   # a stock session holds its weights on the device
+            allocation = self.monitor.allocate(spec.nbytes, owner=spec.name)  # type: ignore[attr-defined]
+        start = time.perf_counter()
+        try:
+            session = self.ort.InferenceSession(spec.path, providers=self.providers)
+        except BaseException:
+            if allocation is not None:
+                allocation.free()
+            raise
+        with self._lock:
+            self._loads += 1
+            self._load_times.append(time.perf_counter() - start)
+        return session, allocation
+
+    def swap_ins(self) -> int:
+        return self._loads
+
+    def median_swap_in(self) -> Optional[float]:
+        with self._lock:
+            return float(np.median(self._load_times)) if self._load_times else None
+
+    def close(self) -> None:
+        """Drop every session now, so the next contender starts from a quiet device."""
+        for allocation in self._drop_sessions():
+            if allocation is not None:
+                allocation.free()
+
+    def _drop_sessions(self) -> List[Any]:
+        return []
+
+
+class LruCountContender(_SessionContender):
+    """LRU by model count (Ray Serve's max_num_models_per_replica)."""
+
+    def __init__(self, count: int, monitor: DeviceMonitor) -> None:
+        super().__init__(monitor)
+        self.name = "lru-count"
+        self.count = count
+        self.sessions: "collections.OrderedDict[str, Tuple[Any, Any]]" = collections.OrderedDict()
+        self.loading: Dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+
+    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
+        with self._lock:
+            entry = self.sessions.get(spec.name)
+            if entry is not None:
+                self.sessions.move_to_end(spec.name)
+            load_lock = self.loading[spec.name]
+        hit = entry is not None      # a hit: resident on arrival (waiting for a load is a miss)
+        if entry is None:
+            with load_lock:          # one load per model id at a time, as Ray Serve does
+                with self._lock:
+                    entry = self.sessions.get(spec.name)
+                if entry is None:
+                    entry = self._create(spec)
+                    evicted = []
+                    with self._lock:
+                        self.sessions[spec.name] = entry
+                        while len(self.sessions) > self.count:
+                            evicted.append(self.sessions.popitem(last=False)[1])
+                    for _, allocation in evicted:
+                        if allocation is not None:
+                            allocation.free()
+        return entry[0].run(None, {"x": spec.x})[0], hit
+
+    def tiers(self) -> Tuple[int, int]:
+        with self._lock:
+            return len(self.sessions), 0
+
+    def _drop_sessions(self) -> List[Any]:
+        with self._lock:
+            entries, self.sessions = list(self.sessions.values()), collections.OrderedDict()
+        return [allocation for _, allocation in entries]
+
+
+class NaiveContender(_SessionContender):
+    """The seed's recipe: load on a miss, unload the rest (one model on the device at a time)."""
+
+    def __init__(self, monitor: DeviceMonitor) -> None:
+        super().__init__(monitor)
+        self.name = "naive"
+        self.current: Optional[Tuple[str, Any, Any]] = None
+        self._serve_lock = threading.Lock()
+
+    def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool]:
+        current = self.current
+        resident = current is not None and current[0] == spec.name   # on arrival
+        with self._serve_lock:
+            hit = resident and self.current is current
+            if not (self.current is not None and self.current[0] == spec.name):
+                if self.current is not None:
+                    _, _, allocation = self.current
+                    self.current = None          # drop the session: its device memory goes
+                    if allocation is not None:
+                        allocation.free()
+                session, allocation = self._create(spec)
+                self.current = (spec.name, session, allocation)
+            assert self.current is not None
+            return self.current[1].run(None, {"x": spec.x})[0], hit
+
+    def tiers(self) -> Tuple[int, int]:
+        return (1 if self.current else 0), 0
+
+    def _drop_sessions(self) -> List[Any]:
+        with self._serve_lock:
+            current, self.current = self.current, None
+        return [current[2]] if current is not None else []
