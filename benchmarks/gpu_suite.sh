@@ -13,7 +13,7 @@ python3 -c "import onnxruntime, numpy, sys; print('python', sys.version.split()[
 case "$what" in
   tests)
     MODELCACHE_RESULTS_DIR="$out" python3 -m pytest -m gpu -q -p no:cacheprovider \
-      tests/test_gpu.py tests/test_gpu_onnxruntime.py 2>&1 | tee "$out/pytest_gpu.log" | tail -15 ;;
+      tests/devices/test_gpu_nvml.py tests/backends/test_gpu_onnxruntime.py 2>&1 | tee "$out/pytest_gpu.log" | tail -15 ;;
   swap)
     python3 benchmarks/ort_swap.py --cycles 20 --slow-cycles 7 --json "$out/ort_swap.json" --check 2>&1 \
       | tee "$out/ort_swap.txt" ;;

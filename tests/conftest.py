@@ -1,4 +1,6 @@
 import functools
+import json
+import os
 import threading
 import time
 
@@ -60,6 +62,11 @@ def array_loader(value: int, nbytes: int = 100, calls=None):
     return load
 
 
+def tiers(cache):
+    """Each model's tier."""
+    return {e.name: e.tier for e in cache.entries()}
+
+
 def run_threads(target, args_list, release=None, settle=0.2, timeout=10):
     """Run ``target(*args)`` for each tuple in ``args_list`` on threads of their own; with
     ``release`` (an Event), set it ``settle`` seconds after they start; join them all."""
@@ -71,3 +78,14 @@ def run_threads(target, args_list, release=None, settle=0.2, timeout=10):
         release.set()
     for t in threads:
         t.join(timeout)
+
+
+def record(name, data):
+    """Print a GPU test's figures; with ``MODELCACHE_RESULTS_DIR`` set, also write them there as
+    ``NAME.json`` (the dated results under docs/ come from it)."""
+    folder = os.environ.get("MODELCACHE_RESULTS_DIR")
+    print(name, json.dumps(data))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{name}.json"), "w") as f:
+            json.dump(data, f, indent=2)

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..._fileio import read_into
 from ...devices.host import HostBlock, align
-from ...errors import ModelCacheError, UnsupportedModelError
+from ..._optional import require
+from ...errors import UnsupportedModelError
 
 MiB = 1 << 20
 WEIGHTS_FILE = "modelcache.weights"   # the external-data location the graph refers to
@@ -47,12 +48,7 @@ class ValueInfo:
 
 
 def onnx_module() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:
-        raise ModelCacheError("the onnxruntime backend needs the onnx package: "
-                              "pip install 'modelcache[onnxruntime]'") from exc
-    return onnx
+    return require("onnx", "the onnxruntime backend", "pip install 'modelcache[onnxruntime]'")
 
 
 def looks_like_onnx(head: bytes) -> bool:

@@ -15,6 +15,7 @@ import tempfile
 import threading
 from typing import Any, Dict, Iterator, List, Optional
 
+from ..._optional import require
 from ...devices.base import DeviceMemory
 from ...devices.host import HostBlock
 from ...errors import ModelCacheError
@@ -25,12 +26,8 @@ _env_arenas_lock = threading.Lock()
 
 
 def ort_module() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise ModelCacheError("the onnxruntime backend needs onnxruntime: pip install 'modelcache[onnxruntime]' "
-                              "(or 'modelcache[onnxruntime-gpu]' on a GPU machine)") from exc
-    return onnxruntime
+    return require("onnxruntime", "the onnxruntime backend",
+                   "pip install 'modelcache[onnxruntime-gpu]' on a GPU machine, 'modelcache[onnxruntime]' elsewhere")
 
 
 class CpuProvider:

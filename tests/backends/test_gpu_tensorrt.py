@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import modelcache as mc
-import trt_double
-from test_gpu import record
+from doubles import trt_double
+from conftest import record
 
 pytestmark = pytest.mark.gpu
 DATA = os.path.join(os.path.dirname(__file__), "data")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import modelcache as mc
-import trt_double
+from doubles import trt_double
 from conftest import array_loader
 from modelcache.backends.tensorrt.build import BuildCache, environment, parse_shapes, profiles_from_shapes
 from modelcache.tools.cli import main as cli_main
@@ -341,6 +341,6 @@ def test_auto_detection_and_environment(sim_cache, tmp_path):
         run_and_check(model)
     assert sim_cache.info("auto").backend == "tensorrt"
     env = environment(trt_double)
-    assert env["trt_module"] == "trt_double" and env["trt_version"] == trt_double.__version__
+    assert env["trt_module"] == trt_double.__name__ and env["trt_version"] == trt_double.__version__
     assert env["gpu_name"] is None
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import modelcache as mc
-from test_gpu import record
+from conftest import record
 
 pytestmark = pytest.mark.gpu
 MiB, GiB = 2**20, 2**30

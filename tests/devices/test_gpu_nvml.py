@@ -2,7 +2,6 @@
 
 Set ``MODELCACHE_RESULTS_DIR`` to have the figures written there as JSON.
 """
-import json
 import os
 import subprocess
 import sys
@@ -11,18 +10,10 @@ import time
 import pytest
 
 import modelcache as mc
+from conftest import record
 
 pytestmark = pytest.mark.gpu
 MiB, GiB = 2**20, 2**30
-
-
-def record(name, data):
-    folder = os.environ.get("MODELCACHE_RESULTS_DIR")
-    print(name, json.dumps(data))
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"{name}.json"), "w") as f:
-            json.dump(data, f, indent=2)
 
 
 def smi_memory(index=0):

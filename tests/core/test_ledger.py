@@ -1,0 +1,103 @@
+"""The ledger alone: accounting, reservations and victim choice, with no cache and no threads."""
+import pytest
+
+import modelcache as mc
+from modelcache.backends.base import Handle
+from modelcache.ledger import Entry, Ledger
+from modelcache.policies import LRUPolicy
+
+
+class FakeHandle(Handle):
+    def __init__(self, name, tier, nbytes, kept=0):
+        super().__init__(name, tier)
+        self.nbytes, self.kept = nbytes, kept
+        self.device_bytes = nbytes if tier is mc.Tier.DEVICE else 0
+        self.host_bytes = nbytes
+
+    def estimated_device_bytes(self):
+        return self.nbytes
+
+    def parked_device_bytes(self):
+        return self.kept
+
+    def kept_after_eviction(self):
+        return self.kept
+
+
+def make_ledger(budget=1000, reserve=0, host_budget=10_000, total=2000):
+    return Ledger(LRUPolicy(), budget, reserve, host_budget, total, disk=False)
+
+
+def add(ledger, name, tier, nbytes, tick, kept=0, leases=0):
+    entry = Entry(name, None, "auto", {}, False, None)
+    entry.handle, entry.tier, entry.tick, entry.leases = FakeHandle(name, tier, nbytes, kept), tier, tick, leases
+    ledger.entries[name] = entry
+    return entry
+
+
+def test_victims_in_policy_order_until_the_need_fits():
+    ledger = make_ledger(budget=1000)
+    for i, name in enumerate(["a", "b", "c", "d"]):
+        add(ledger, name, mc.Tier.DEVICE, 250, tick=i)
+    ledger.entries["a"].tick = 10          # a used last: b goes first
+    assert ledger.accounted_bytes() == 1000
+    victims = ledger.choose_victims(300, exclude=None, free_bytes=1000)
+    assert [v.name for v in victims] == ["b", "c"]
+    assert ledger.choose_victims(100, exclude=None, free_bytes=1000)[0].name == "b"
+
+
+def test_leased_models_are_not_victims_and_too_little_room_is_none():
+    ledger = make_ledger(budget=500)
+    add(ledger, "a", mc.Tier.DEVICE, 250, tick=0, leases=1)
+    add(ledger, "b", mc.Tier.DEVICE, 250, tick=1)
+    assert [v.name for v in ledger.choose_victims(200, None, free_bytes=2000)] == ["b"]
+    assert ledger.choose_victims(400, None, free_bytes=2000) is None
+    assert "leased: ['a']" in ledger.busy_reason(400, 1.0, 2000, None)
+
+
+def test_reserve_counts_free_memory_and_promised_rooms():
+    ledger = make_ledger(budget=2000, reserve=500)
+    add(ledger, "a", mc.Tier.DEVICE, 300, tick=0)
+    add(ledger, "b", mc.Tier.DEVICE, 300, tick=1)
+    # budget has room, but only 700 B are free: 400 more would leave 300 < reserve of 500
+    assert [v.name for v in ledger.choose_victims(400, None, free_bytes=700)] == ["a"]
+    room = ledger.reserve_room(ledger.entries["b"], 200, [])
+    assert ledger.accounted_bytes() == 800      # 600 resident + the room promised
+    # the promised room counts against free memory too: 700 - 200 pending - 100 < 500
+    assert [v.name for v in ledger.choose_victims(100, ledger.entries["b"], free_bytes=700)] == ["a"]
+    ledger.release_room(room)
+    assert ledger.accounted_bytes() == 600
+
+
+def test_victim_bytes_count_towards_the_room_until_they_leave():
+    ledger = make_ledger(budget=500)
+    a = add(ledger, "a", mc.Tier.DEVICE, 400, tick=0)
+    b = add(ledger, "b", mc.Tier.HOST, 300, tick=1)
+    room = ledger.reserve_room(b, 300, [a])
+    assert ledger.accounted_bytes() == 400     # max(need 300, a's 400 still on the device)
+    a.tier, a.handle.device_bytes = mc.Tier.HOST, 0
+    assert ledger.accounted_bytes() == 300     # a has left: the room is what b needs
+    ledger.release_room(room)
+
+
+def test_parked_bytes_are_unparked_after_evictions():
+    ledger = make_ledger(budget=600)
+    add(ledger, "parked", mc.Tier.HOST, 100, tick=0, kept=200)
+    add(ledger, "resident", mc.Tier.DEVICE, 300, tick=1)
+    assert ledger.accounted_bytes() == 500
+    ranked = [(c.name, unpark, c.nbytes) for c, unpark in ledger.ranked_victims()]
+    assert ranked == [("resident", False, 300), ("parked", True, 200)]
+    victims = ledger.choose_victims(500, None, free_bytes=2000)
+    assert {v.name for v in victims} == {"resident", "parked"}
+
+
+def test_too_large_and_host_victims():
+    ledger = make_ledger(budget=800, reserve=300, total=1000, host_budget=500)
+    with pytest.raises(mc.ModelTooLargeError, match="700 B"):
+        ledger.check_fits("big", 701)
+    ledger.check_fits("fits", 700)
+    add(ledger, "old", mc.Tier.HOST, 300, tick=0)
+    add(ledger, "new", mc.Tier.HOST, 300, tick=1)
+    assert [v.name for v in ledger.host_victims(keep=None)] == ["old"]
+    assert [v.name for v in ledger.host_victims(keep=ledger.entries["old"])] == ["new"]
+    assert ledger.below_host(ledger.entries["old"]) is mc.Tier.UNLOADED

@@ -1,0 +1,98 @@
+"""Moves down the tiers: explicit evictions, the disk tier, the host budget, unregister and close."""
+import os
+
+import pytest
+
+import modelcache as mc
+from conftest import array_loader, tiers
+
+
+def test_explicit_evict_to_each_tier(make_cache, tmp_path):
+    cache = make_cache(disk_dir=str(tmp_path / "disk"))
+    calls = []
+    cache.register("a", array_loader(5, calls=calls))
+    with cache.use("a"):
+        with pytest.raises(mc.ModelInUseError):
+            cache.evict("a")
+    info = cache.evict("a", tier=mc.Tier.DISK)
+    assert info.tier is mc.Tier.DISK and info.host_bytes == 0 and os.path.exists(info.disk_path)
+    with cache.use("a") as m:      # disk -> host -> device, no reload
+        assert m[0] == 5 and m.nbytes == 100
+    assert calls == [5] and cache.stats()["from_disk.count"] == 1
+    cache.evict("a", tier=mc.Tier.UNLOADED)
+    assert cache.info("a").tier is mc.Tier.UNLOADED
+    with cache.use("a"):
+        pass
+    assert calls == [5, 5]
+    with pytest.raises(mc.ConfigError):
+        cache.evict("a", tier=mc.Tier.DEVICE)
+
+
+def test_corrupt_disk_file_is_typed_and_recoverable(make_cache, tmp_path):
+    cache = make_cache(disk_dir=str(tmp_path))
+    cache.register("a", array_loader(5))
+    cache.prefetch("a", tier=mc.Tier.HOST).result(5)
+    path = cache.evict("a", tier=mc.Tier.DISK).disk_path
+    with open(path, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        f.write(b"XXXXX")
+    with pytest.raises(mc.CorruptFileError, match="sha256"):
+        with cache.use("a"):
+            pass
+    assert cache.info("a").tier is mc.Tier.DISK
+    cache.evict("a", tier=mc.Tier.UNLOADED)
+    with cache.use("a") as m:   # reloaded by its loader
+        assert m[0] == 5
+
+
+def test_evict_to_disk_without_disk_dir(make_cache):
+    cache = make_cache()
+    cache.register("a", array_loader(1))
+    with pytest.raises(mc.ConfigError, match="disk_dir"):
+        cache.evict("a", tier=mc.Tier.DISK)
+
+
+def test_host_budget_overflow_goes_to_disk_or_unloaded(make_cache, tmp_path):
+    cache = make_cache(device_budget=100, host_budget=200, disk_dir=str(tmp_path))
+    for i in range(5):
+        cache.register(f"m{i}", array_loader(i))
+        with cache.use(f"m{i}"):
+            pass
+    t = tiers(cache)
+    assert t["m4"] is mc.Tier.DEVICE
+    assert [t[f"m{i}"] for i in range(4)].count(mc.Tier.HOST) == 2
+    assert [t[f"m{i}"] for i in range(4)].count(mc.Tier.DISK) == 2
+    assert cache.stats()["host.bytes"] <= 200
+    no_disk = make_cache(device_budget=100, host_budget=100, monitor=mc.SimulatedDevice(1000))
+    for i in range(3):
+        no_disk.register(f"m{i}", array_loader(i))
+        with no_disk.use(f"m{i}"):
+            pass
+    assert tiers(no_disk)["m0"] is mc.Tier.UNLOADED
+
+
+def test_unregister_frees_everything(make_cache, device, tmp_path):
+    cache = make_cache(disk_dir=str(tmp_path))
+    cache.register("a", array_loader(1))
+    cache.register("b", array_loader(2))
+    with cache.use("a"):
+        with pytest.raises(mc.ModelInUseError):
+            cache.unregister("a")
+    path = cache.evict("b", tier=mc.Tier.DISK).disk_path if cache.prefetch("b").result(5) else None
+    cache.unregister("a")
+    cache.unregister("b")
+    assert len(cache) == 0 and device.process_bytes() == 0 and not os.path.exists(path)
+    with pytest.raises(mc.ModelNotFoundError):
+        cache.unregister("a")
+
+
+def test_close_frees_and_refuses(device):
+    with mc.ModelCache(monitor=device, device_budget=400, reserve=0) as cache:
+        cache.register("a", array_loader(1))
+        with cache.use("a"):
+            pass
+        assert device.process_bytes() == 100
+    assert device.process_bytes() == 0
+    with pytest.raises(mc.CacheClosedError):
+        cache.use("a").acquire()
+    cache.close()  # idempotent
