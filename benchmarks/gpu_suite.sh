@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What the dated GPU results under docs/ were produced with, on the lent H100 (see docs/usage.md):
-#   bash benchmarks/gpu_suite.sh tests|swap|stress OUT_DIR [extra stress args]
+#   bash benchmarks/gpu_suite.sh tests|swap|stress|zoo OUT_DIR [extra args]
 # onnxruntime-gpu must be importable (PYTHONPATH=/tmp/site:$PWD after ../shared/gpu/stage.sh).
 set -uo pipefail
-what=${1:?tests, swap or stress}
+what=${1:?tests, swap, stress or zoo}
 out=${2:?an output folder}
 shift 2
 mkdir -p "$out"
@@ -23,5 +23,7 @@ case "$what" in
     python3 -m modelcache stress --models 40 --min-size 64MiB --max-size 1GiB --budget 8GiB --threads 16 \
       --zipf-s 1.1 --requests 10000 --models-dir "$models" --json "$out/stress.json" --plot "$out/stress.png" \
       --no-progress "$@" 2>&1 | tee "$out/stress.txt" ;;
+  zoo)
+    python3 benchmarks/zoo.py --zoo /tmp/modelcache-zoo --json "$out/zoo.json" "$@" 2>&1 | tee "$out/zoo.txt" ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac

@@ -99,15 +99,23 @@ def test_weights_threshold_option(cache, tmp_path):
     cache.register("small", path, weights_threshold=1024)
     with cache.use("small") as model:
         model.run(None, {"x": np.ones((2, 32), np.float32)})
-    assert cache.info("small").details["mode"] == "weights" and cache.info("small").details["weights"] == 2
+    details = cache.info("small").details    # 2 matrices of 4 KiB, and their 128 B biases (shared sessions:
+    assert details["mode"] == "weights" and details["weights"] == 4   # fine-tunes differ in biases too)
+    cache.register("alone", path, weights_threshold=1024, share_session=False)
+    with cache.use("alone") as model:
+        model.run(None, {"x": np.ones((2, 32), np.float32)})
+    assert cache.info("alone").details["weights"] == 2     # its own session: only what the threshold says
 
 
 def test_rewrite_that_changes_results_falls_back_to_session(cache, model_files, monkeypatch):
     import modelcache.backends.onnxruntime.graph as backend_module
     real = backend_module.as_inputs
 
-    def wrong_rewrite(proto, weights, **kw):   # a rewrite that breaks the model's meaning
-        proto.graph.node[-1].op_type = "Neg"
+    def wrong_rewrite(proto, weights, **kw):   # a rewrite that breaks the model's meaning: y becomes -y
+        output = proto.graph.output[0].name
+        for node in proto.graph.node:
+            node.output[:] = [o if o != output else output + "_before" for o in node.output]
+        proto.graph.node.append(onnx.helper.make_node("Neg", [output + "_before"], [output]))
         return real(proto, weights, **kw)
 
     monkeypatch.setattr(backend_module, "as_inputs", wrong_rewrite)
@@ -416,8 +424,14 @@ def test_a_failed_warm_up_run_is_reported_and_the_model_still_serves(tmp_path):
     path, x, y = _mlp(tmp_path, 256, 1)
     with mc.ModelCache(monitor=mc.SimulatedDevice("64MiB"), reserve=0, watch_interval=None) as cache:
         cache.register("a", path, weights_threshold=4096)
-        cache.prefetch("a", tier=mc.Tier.HOST).result()
-        cache._entries["a"].handle.sample_inputs = [("x", np.dtype(np.float32), [1, 7])]   # a shape it refuses
-        with cache.use("a") as model:
+        with cache.use("a"):            # the first swap-in checks the model; its session warms up fine
+            pass
+        assert cache.info("a").details["session_warmup_error"] is None
+        cache.evict("a")
+        cache._moves.begin_locked(cache._entries["a"], mc.Tier.HOST)   # unpark: the session goes
+        cache._moves.down(cache._entries["a"], "explicit")
+        assert cache.stats()["onnxruntime.sessions"] == 0
+        cache._entries["a"].handle.sample_feed = {"x": np.zeros((1, 7), np.float32)}   # a shape it refuses
+        with cache.use("a") as model:   # the session is made again; its warm-up run fails
             np.testing.assert_allclose(model.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
         assert "x" in cache.info("a").details["session_warmup_error"]

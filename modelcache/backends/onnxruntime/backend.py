@@ -14,10 +14,14 @@ swap modes:
     The device tier is a session on the device created from files in RAM; the first one saves an
     optimized graph that later ones load with optimizations off.
 
-``mode="auto"`` picks "weights" unless the rewrite fails or changes results: on first load both
-forms run on a sample input on the CPU and their outputs are compared. ``info().details`` says
-which mode a model runs in and why. With ``host_session``, a CPU session serves the model while
-it is parked on the host (``use(..., allow_host=True)``).
+Weights mode is prepared at the model's first swap-in, on the device it will run on
+(``optimize.py``): ONNX Runtime optimizes the graph for that device with the weights as
+constants, the optimized graph's weights are lifted to inputs, and the lifted graph's outputs are
+compared with the plain session's there. ``mode="auto"`` keeps weights mode when they match
+within a tolerance scaled to the outputs and to ONNX Runtime's own deviation, and falls back to
+session mode otherwise; ``info().details`` says which mode a model runs in, why, and the measured
+deviation. Weights stored as ``Constant`` nodes count as weights. With ``host_session=True``, a
+CPU session serves the model while it is parked on the host (``use(..., allow_host=True)``).
 
 On a simulated device, "device" sessions use the CPU provider and device buffers are host
 memory booked on the simulated device: the code path is the same as on a GPU.
@@ -28,22 +32,21 @@ import hashlib
 import os
 from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
-
 from ..._fileio import atomic_write, model_file, read_into, read_verified, remove_quietly
 from ...devices.host import HostBlock
 from ...errors import ConfigError, CorruptFileError, ModelCacheError
 from ..base import Backend, BackendContext
 from . import graph
-from .graph import MiB, InvalidModelError
+from .graph import MiB
 from .handle import Mode, OrtHandle
 from .model import OrtModel
 from .session_mode import SessionMode
 from .sessions import Sessions
 from .weights_mode import WeightsMode
 
-_OPTIONS = {"mode", "weights_threshold", "host_session", "verify", "provider_options", "session_options",
-            "rtol", "atol", "size_hint", "shared_arena", "shrink_arena", "share_session", "share_threshold"}
+_OPTIONS = {"mode", "weights_threshold", "host_session", "verify", "optimize", "sample_input", "provider_options",
+            "session_options", "rtol", "atol", "size_hint", "shared_arena", "shrink_arena", "share_session",
+            "share_threshold"}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -93,7 +96,8 @@ class OnnxRuntimeBackend(Backend):
             # to share a session, models must not differ in constants: floating-point initializers
             # from share_threshold bytes up (biases, norms) become inputs too; small integer ones
             # (shapes, axes) stay in the graph and must match
-            small = int(options.get("share_threshold", 1024)) if share and mode != "session" else None
+            small = int(options.get("share_threshold", graph.SHARE_THRESHOLD)) if share and mode != "session" else None
+            graph.constants_to_initializers(proto, min(threshold, small if small is not None else threshold))
             ext_graph, weights, block = graph.externalize(name, proto, threshold, self.pool.get, self.pool.put,
                                                           small, base_dir)
             del proto
@@ -102,13 +106,12 @@ class OnnxRuntimeBackend(Backend):
             # sum of their sizes; files, copies and device buffers all take the whole span
             handle.weights_nbytes = weights[-1].offset + weights[-1].nbytes if weights else 0
             handle.host_bytes = block.nbytes if block is not None else 0
-            handle.graph, candidate, handle.ops, handle.mode_reason = self._choose_mode(
+            handle.graph, _, handle.ops, handle.mode_reason = self._choose_mode(
                 name, mode, ext_graph, handle, options, share)
             handle.ops.prepare(handle)
             serve = options.get("host_session")
             handle.serve_on_host = handle.mode == "weights" if serve is None else bool(serve)
-            if handle.serve_on_host:   # nearly free in weights mode: the weights are on the host anyway
-                handle.host_session = candidate or handle.ops.host_session(handle)
+            self.refresh_host_session(handle)
             return handle
         except BaseException:
             self._release_impl(handle)
@@ -116,45 +119,33 @@ class OnnxRuntimeBackend(Backend):
 
     def _choose_mode(self, name: str, mode: str, ext_graph: bytes, handle: OrtHandle, options: Dict[str, Any],
                      share: bool) -> Tuple[bytes, Any, Mode, str]:
-        """(graph, a verified CPU session of it or None, the mode, why)."""
+        """(graph, None, the mode, why). Weights mode is prepared and checked at the first swap-in."""
         if mode == "session" or not handle.weights:
             return ext_graph, None, self.modes["session"], (
                 "requested" if mode == "session" else "no initializer above the threshold")
-        weights_graph = graph.as_inputs(graph.onnx_module().load_from_string(ext_graph), handle.weights,
-                                        generic=share)
-        reason, candidate = None, None
-        if options.get("verify", True) or mode == "auto":
-            reason, candidate = self._verify(name, ext_graph, weights_graph, handle, options)
-        if reason is None:
-            why = "requested" if mode == "weights" else "outputs match on a sample input"
-            return weights_graph, candidate, self.modes["weights"], why
-        if mode == "weights":
-            raise InvalidModelError(f"mode='weights' cannot be used: {reason}", model=name)
-        return ext_graph, None, self.modes["session"], f"weights mode rejected: {reason}"
+        return ext_graph, None, self.modes["weights"], "not checked yet: checked on the device at the first swap-in"
 
-    def _verify(self, name: str, ext_graph: bytes, weights_graph: bytes, handle: OrtHandle,
-                options: Dict[str, Any]) -> Tuple[Optional[str], Any]:
-        """Run the original and the weights-as-inputs graph on a sample input on the CPU. Returns
-        (None, the rewritten graph's CPU session) if their outputs match, else (why not, None)."""
-        create = self.sessions.create
-        reference = create(name, ext_graph, handle.block, handle.weights_nbytes, cpu=True, options=options)
+    def switch_to_session_mode(self, handle: OrtHandle, reason: str) -> None:
+        """A weights-mode model whose check failed (its original graph and weights restored) moves
+        to the device in session mode instead."""
+        self._drop_host_session(handle)
+        handle.ops, handle.mode_reason = self.modes["session"], reason
+        handle.ops.prepare(handle)
+        self.refresh_host_session(handle)
+        handle.ops.to_device(handle)
+
+    def refresh_host_session(self, handle: OrtHandle) -> None:
+        """(Re)create the CPU session that serves from the host, where one is wanted; where the
+        CPU cannot run the model's graph (e.g. one optimized for CUDA), there is none and
+        ``details["host_session_error"]`` says why."""
+        self._drop_host_session(handle)
+        handle.check.pop("host_session_error", None)
+        if not handle.serve_on_host:
+            return
         try:
-            feed = graph.sample_feed(reference.get_inputs())
-        except ValueError as exc:
-            return str(exc), None
-        try:
-            candidate = create(name, weights_graph, None, 0, cpu=True, options=options, weights_as_inputs=True)
-            model = OrtModel(name, candidate, handle.weights, None, handle.block, handle.input_names,
-                             handle.output_names)
-            got = model.run(None, feed)
-        except Exception as exc:
-            return f"the rewritten graph fails on ONNX Runtime ({type(exc).__name__}: {str(exc)[:300]})", None
-        expected = reference.run(None, feed)
-        rtol, atol = float(options.get("rtol", 1e-5)), float(options.get("atol", 1e-6))
-        for out, a, b in zip(handle.output_names, expected, got):
-            if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True):
-                return f"output {out!r} differs from the original model's", None
-        return None, candidate
+            handle.host_session = handle.ops.host_session(handle)
+        except ModelCacheError as exc:
+            handle.check["host_session_error"] = exc.reason[:300]
 
     # moves ----------------------------------------------------------------------------------------
     def _to_device_impl(self, handle: OrtHandle) -> None:
@@ -204,11 +195,7 @@ class OnnxRuntimeBackend(Backend):
         for path, _ in handle.files.values():
             remove_quietly(path)
         handle.files, handle.disk_path = {}, None
-        if handle.serve_on_host:
-            try:
-                handle.host_session = handle.ops.host_session(handle)
-            except ModelCacheError:   # e.g. a graph optimized for CUDA that the CPU cannot load
-                handle.host_session = None
+        self.refresh_host_session(handle)
 
     def _release_impl(self, handle: OrtHandle) -> None:
         try:

@@ -20,6 +20,10 @@ from ...errors import UnsupportedModelError
 
 MiB = 1 << 20
 WEIGHTS_FILE = "modelcache.weights"   # the external-data location the graph refers to
+#: floating-point initializers from this many bytes (16 float32s) up are weights when sessions are
+#: shared: fine-tunes of one architecture differ in them (e.g. biases folded from BatchNormalization).
+#: Scalars stay constants (some kernels read them on the host: Clip's bounds, Pad's value).
+SHARE_THRESHOLD = 64
 
 
 class InvalidModelError(UnsupportedModelError):
@@ -88,11 +92,36 @@ def to_proto(name: str, value: Any) -> Tuple[Any, Optional[str]]:
                                 f"InferenceSession, not {type(value).__name__}", model=name)
 
 
+def constants_to_initializers(proto: Any, threshold: int) -> int:
+    """Turn ``Constant`` nodes of the main graph holding floating-point tensors of at least
+    ``threshold`` bytes into initializers of the same name (converters from Paddle, TensorFlow and
+    older exporters store weights that way), so they are swapped like any weight. Returns how many."""
+    onnx = onnx_module()
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    kept, moved = [], 0
+    for node in proto.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" \
+            and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 else None
+        if value is not None and value.data_type in floats and tensor_nbytes(value) >= threshold:
+            init = proto.graph.initializer.add()
+            init.CopyFrom(value)
+            init.name = node.output[0]
+            moved += 1
+        else:
+            kept.append(node)
+    if moved:
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)
+    return moved
+
+
 def externalize(name: str, proto: Any, threshold: int, get_block: Callable[[int], HostBlock],
                 put_block: Callable[[HostBlock], None], float_threshold: Optional[int] = None,
-                base_dir: Optional[str] = None) -> Tuple[bytes, List[Weight], Optional[HostBlock]]:
-    """Move initializers >= threshold bytes (floating-point ones >= ``float_threshold``) into one
-    host block from ``get_block``; the graph refers to them as external data at their offsets in
+                base_dir: Optional[str] = None, has_weights: bool = False
+                ) -> Tuple[bytes, List[Weight], Optional[HostBlock]]:
+    """Move initializers >= threshold bytes into one host block from ``get_block`` (and, given
+    ``float_threshold``, floating-point ones from that size up, when the model has large weights or
+    its small floating-point ones add up to ``threshold``, or ``has_weights`` says it has); the graph refers to them as external data at their offsets in
     that block. Initializers in external-data files (under ``base_dir``) are read straight into the
     block; smaller ones that stay in the graph are loaded into it."""
     onnx = onnx_module()
@@ -105,9 +134,11 @@ def externalize(name: str, proto: Any, threshold: int, get_block: Callable[[int]
                                     f"was not loaded", model=name)
         sized.append((init, tensor_nbytes(init)))
     big = [(init, n) for init, n in sized if n >= threshold]
-    if big and float_threshold is not None:   # a model with weights: its small float ones join them
-        big = [(init, n) for init, n in sized
-               if n >= threshold or (init.data_type in floats and n >= float_threshold)]
+    if float_threshold is not None:   # a model with weights (large ones, or many small): small float ones join
+        small = [(init, n) for init, n in sized if init.data_type in floats and float_threshold <= n < threshold]
+        if big or has_weights or sum(n for _, n in small) >= threshold:
+            big = [(init, n) for init, n in sized
+                   if n >= threshold or (init.data_type in floats and n >= float_threshold)]
     weights: List[Weight] = []
     offset = 0
     for init, nbytes in big:
@@ -230,15 +261,22 @@ _ORT_DTYPES = {
 }
 
 
-def sample_feed(inputs: Sequence[Any], seed: int = 0) -> Dict[str, np.ndarray]:
-    """A deterministic sample input for each graph input (symbolic dimensions become 1)."""
+def numpy_dtype(ort_type: str) -> Optional[Any]:
+    """``"tensor(float)"`` -> ``np.float32``; None for types numpy cannot hold."""
+    return _ORT_DTYPES.get(ort_type)
+
+
+def sample_feed(inputs: Sequence[Any], seed: int = 0, symbolic: int = 1) -> Dict[str, np.ndarray]:
+    """A deterministic sample input for each graph input: a symbolic first dimension (the batch)
+    becomes 1, other symbolic dimensions ``symbolic``."""
     rng = np.random.default_rng(seed)
     feed = {}
     for i in inputs:
         dtype = _ORT_DTYPES.get(i.type)
         if dtype is None:
             raise ValueError(f"input {i.name!r} of type {i.type} cannot be sampled")
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in (i.shape or [])]
+        shape = [d if isinstance(d, int) and d > 0 else (1 if axis == 0 else symbolic)
+                 for axis, d in enumerate(i.shape or [])]
         if np.issubdtype(dtype, np.floating):
             feed[i.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_:

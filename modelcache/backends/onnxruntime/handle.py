@@ -36,12 +36,15 @@ class OrtHandle(Handle):
         self.output_names: List[str] = []
         self.signature: Optional[Tuple[List[ValueInfo], List[ValueInfo]]] = None  # original inputs, outputs
         self.sample_inputs: Optional[List[Tuple[str, Any, List[int]]]] = None   # for a warm-up run
+        self.sample_feed: Optional[Dict[str, Any]] = None   # the input the check ran (warm-ups use it too)
+        self.check: Dict[str, Any] = {}         # the first swap-in's check: deviation, tolerance...
         self.wrapper: Optional["OrtModel"] = None       # what use() hands out while on the device
         self.host_session: Any = None           # a CPU session serving while on the host
         self.host_wrapper: Optional["OrtModel"] = None
         self.serve_on_host = False
         self.files: Dict[str, Tuple[str, str]] = {}    # disk tier: kind -> (path, sha256)
         # weights mode
+        self.prepared = False                   # optimized for the device and checked (the first swap-in)
         self.device_weights: Any = None         # devices.Buffer holding the weights on the device
         self.group: Optional["SessionGroup"] = None     # the shared session it uses
         self.group_key = ""
@@ -89,7 +92,7 @@ class OrtHandle(Handle):
 
     def details(self) -> Dict[str, Any]:
         return {"mode": self.mode, "mode_reason": self.mode_reason, "weights": len(self.weights),
-                "weights_bytes": self.weights_nbytes, **self.ops.details(self),
+                "weights_bytes": self.weights_nbytes, **self.check, **self.ops.details(self),
                 "pinned": bool(self.block is not None and self.block.pinned),
                 "serves_on_host": self.host_session is not None, "optimized_graph": self.optimized}
 

@@ -1,8 +1,15 @@
 """What ``use()`` hands out for an ONNX Runtime model: an object that runs like an
 ``InferenceSession`` (with the original model's input and output names), whichever swap mode
-serves it."""
+serves it.
+
+Inputs are checked against the model's declared names, element types and shapes before a run
+(a mismatch is a :class:`ModelInputError`). In weights mode the weights are bound once per
+residency: runs take a binding with the weights already bound from a small pool (one per run in
+flight), bind their own inputs and give it back.
+"""
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -10,7 +17,32 @@ import numpy as np
 from ...devices.base import Runner
 from ...devices.cuda import device_pointer
 from ...errors import ModelCacheError, ModelInputError
-from .graph import Weight
+from .graph import ValueInfo, Weight, numpy_dtype
+
+
+class InputSpec:
+    """What a run checks each input against: its numpy dtype (None: not checked) and shape (an
+    int per fixed dimension, None per symbolic one; None for an unknown rank)."""
+
+    __slots__ = ("name", "dtype", "shape", "declared")
+
+    def __init__(self, info: Any) -> None:
+        self.name = info.name
+        self.declared = f"{info.type}{list(info.shape) if info.shape is not None else ''}"
+        dtype = numpy_dtype(info.type)
+        self.dtype = np.dtype(dtype) if dtype is not None else None
+        self.shape = None if info.shape is None else tuple(d if isinstance(d, int) and d > 0 else None
+                                                           for d in info.shape)
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Why ``value`` does not fit, or None."""
+        if self.dtype is not None and value.dtype != self.dtype:
+            return f"dtype {value.dtype}, expected {self.dtype}"
+        if self.shape is not None:
+            if value.ndim != len(self.shape) or any(e is not None and e != g for e, g in zip(self.shape, value.shape)):
+                expected = "[" + ", ".join("?" if e is None else str(e) for e in self.shape) + "]"
+                return f"shape {list(value.shape)}, expected {expected}"
+        return None
 
 
 class OrtModel:
@@ -28,7 +60,7 @@ class OrtModel:
         self.name = name
         self._signature = signature      # the original model's inputs and outputs (a shared graph's are generic)
         self._gate = gate
-        self._runner = runner             # the session's own thread (GPU), or None: run in the caller's
+        self._runner = runner             # the session's runner (its own thread on a GPU), or None: the caller's
         self._run_options = run_options   # default RunOptions (e.g. arena shrinkage after each run)
         self._session = session
         self._weights = list(weights)
@@ -36,7 +68,12 @@ class OrtModel:
         self._weight_base = weight_base  # int device address, or HostBlock
         self._input_names = input_names
         self._output_names = output_names
+        declared = signature[0] if signature is not None else [
+            i for i in session.get_inputs() if i.name in set(input_names)]
+        self._specs: Dict[str, InputSpec] = {i.name: InputSpec(i) for i in declared}
         self._required = {i.name for i in session.get_inputs() if i.name in set(input_names)}
+        self._bindings: List[Any] = []   # free bindings with the weights bound (a pool: one per run in flight)
+        self._lock = threading.Lock()
         self.valid = True
 
     # InferenceSession look-alikes ------------------------------------------------------------
@@ -65,7 +102,7 @@ class OrtModel:
     def run(self, output_names: Optional[Sequence[str]], input_feed: Dict[str, Any],
             run_options: Any = None) -> List[np.ndarray]:
         """Run with numpy inputs; returns numpy outputs (all outputs when ``output_names`` is None)."""
-        self._check(input_feed)
+        feed = self._checked(input_feed)
         names = list(output_names) if output_names else self._output_names
         unknown = [n for n in names if n not in self._output_names]
         if unknown:
@@ -73,20 +110,26 @@ class OrtModel:
                                   model=self.name)
         run_options = run_options if run_options is not None else self._run_options
         if not self._weights:
-            return self._on_runner(self._session.run, names, input_feed, run_options)
+            return self._on_runner(self._session.run, names, feed, run_options)
         # binding included: ONNX Runtime copies CPU inputs to the device when they are bound, and
         # its CUDA provider keeps device memory for every thread that does so (~64 MiB each on an
         # H100): on the runner thread, that is one thread per session, not one per caller
-        return self._on_runner(self._bind_and_run, names, input_feed, run_options)
+        return self._on_runner(self._bind_and_run, names, feed, run_options)
 
-    def _bind_and_run(self, names: List[str], input_feed: Dict[str, Any], run_options: Any) -> List[np.ndarray]:
-        binding = self.io_binding()
-        for key, value in input_feed.items():
-            binding.bind_cpu_input(key, np.ascontiguousarray(value))
+    def _bind_and_run(self, names: List[str], feed: Dict[str, np.ndarray], run_options: Any) -> List[np.ndarray]:
+        binding = self._bindings.pop() if self._bindings else self.io_binding()
+        for key, value in feed.items():
+            binding.bind_cpu_input(key, value)
         for out in names:
             binding.bind_output(out, "cpu")
-        self._session.run_with_iobinding(binding, run_options)
-        return binding.copy_outputs_to_cpu()
+        try:
+            self._session.run_with_iobinding(binding, run_options)
+            outputs = binding.copy_outputs_to_cpu()
+        finally:
+            binding.clear_binding_outputs()
+        if set(feed) == self._required and self.valid:
+            self._bindings.append(binding)   # its data inputs are rebound by the next run
+        return outputs
 
     def io_binding(self) -> Any:
         """A fresh IOBinding with every weight bound (on the device, or from host memory)."""
@@ -127,6 +170,11 @@ class OrtModel:
             shape = iface["shape"] if shape is None else shape
         if dtype is None or shape is None:
             raise ModelInputError(f"input {name!r}: give dtype and shape with a raw device pointer", model=self.name)
+        spec = self._specs.get(name)
+        problem = spec.problem(_Shaped(np.dtype(dtype), tuple(shape))) if spec is not None else None
+        if problem:
+            raise ModelInputError(f"input {name!r}: {problem} (declared {spec.declared})",  # type: ignore[union-attr]
+                                  model=self.name)
         device = self._device or ("cuda", 0)
         binding.bind_input(name, device[0], device[1], np.dtype(dtype), list(shape), device_pointer(array))
 
@@ -135,13 +183,15 @@ class OrtModel:
         """The lease is over and the model moved: refuse further use, let the session go."""
         self.valid = False
         self._session = None
+        self._bindings = []
 
     def _alive(self) -> None:
         if not self.valid:
             raise ModelCacheError("this model object was used after its lease ended and the model moved; "
                                   "use it only inside `with cache.use(...)`", model=self.name)
 
-    def _check(self, feed: Dict[str, Any]) -> None:
+    def _checked(self, feed: Dict[str, Any]) -> Dict[str, np.ndarray]:
+        """The feed as contiguous numpy arrays, checked against the declared inputs."""
         self._alive()
         if not isinstance(feed, dict):
             raise ModelInputError(f"input_feed must be a dict of name -> array, not {type(feed).__name__}",
@@ -151,8 +201,28 @@ class OrtModel:
         if unknown or missing:
             raise ModelInputError(f"bad inputs: unknown {unknown}, missing {sorted(missing)}; the model's "
                                   f"inputs are {self._input_names}", model=self.name)
+        out = {}
+        for key, value in feed.items():
+            array = np.ascontiguousarray(value)
+            spec = self._specs.get(key)
+            problem = spec.problem(array) if spec is not None else None
+            if problem:
+                raise ModelInputError(f"input {key!r}: {problem} (declared {spec.declared})",  # type: ignore[union-attr]
+                                      model=self.name)
+            out[key] = array
+        return out
 
     def __repr__(self) -> str:
         if not self.valid:
             return f"OrtModel({self.name!r}, retired)"
         return f"OrtModel({self.name!r}, providers={self.get_providers()})"
+
+
+class _Shaped:
+    """A dtype and shape, checked like an array (for inputs that live on the device)."""
+
+    def __init__(self, dtype: np.dtype, shape: Tuple[int, ...]) -> None:
+        self.dtype, self.shape, self.ndim = dtype, shape, len(shape)
+
+
+__all__ = ["OrtModel", "InputSpec", "ValueInfo"]

@@ -23,6 +23,7 @@ from .graph import MiB, WEIGHTS_FILE, InvalidModelError
 
 _env_arenas: set = set()          # devices whose shared CUDA arena is registered with ONNX Runtime
 _env_arenas_lock = threading.Lock()
+arena_errors: Dict[int, str] = {}  # device -> why ONNX Runtime refused a shared arena
 
 
 def ort_module() -> Any:
@@ -79,8 +80,10 @@ class CudaProvider(CpuProvider):
         return run_options
 
     def _shared_arena(self) -> bool:
-        """One CUDA arena shared by every session of the process (registered once per device), so
-        N cached models do not each keep an arena of their own. False if ONNX Runtime refuses."""
+        """One CUDA arena shared by every session of the process (registered once per device with
+        ``create_and_register_allocator_v2``: the first version takes CPU devices only), so N
+        cached models do not each keep an arena for their working memory. False if ONNX Runtime
+        refuses (the reason is kept in :data:`arena_errors`)."""
         with _env_arenas_lock:
             if self.device in _env_arenas:
                 return True
@@ -89,9 +92,11 @@ class CudaProvider(CpuProvider):
                 info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, self.device,
                                          ort.OrtMemType.DEFAULT)
                 cfg = ort.OrtArenaCfg({"max_mem": 0, "arena_extend_strategy": 1, "initial_chunk_size_bytes": -1,
-                                       "max_dead_bytes_per_chunk": -1})
-                ort.create_and_register_allocator(info, cfg)
-            except Exception:
+                                       "max_dead_bytes_per_chunk": -1, "initial_growth_chunk_size_bytes": -1})
+                ort.create_and_register_allocator_v2("CUDAExecutionProvider", info, {"device_id": str(self.device)},
+                                                     cfg)
+            except Exception as exc:
+                arena_errors[self.device] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 return False
             _env_arenas.add(self.device)
             return True
@@ -155,9 +160,12 @@ class Sessions:
 
     def create(self, name: str, graph: Any, block: Optional[HostBlock], nbytes: int, *, cpu: bool,
                options: Dict[str, Any], weights_as_inputs: bool = False, optimized: bool = False,
-               save_optimized: Optional[str] = None) -> Any:
+               save_optimized: Optional[str] = None, save_min_bytes: Optional[int] = None) -> Any:
         """An InferenceSession of ``graph`` (bytes or a path); external weights come from ``block``
-        in memory. ``cpu``: on the CPU provider whatever the device."""
+        in memory. ``cpu``: on the CPU provider whatever the device. ``optimized``: the graph is
+        already optimized (ONNX Runtime's optimizations off). ``save_optimized``: where ONNX
+        Runtime saves the graph it optimized, initializers of ``save_min_bytes`` and more (default
+        ``weights_threshold``) in a ``.data`` file beside it."""
         ort = ort_module()
         provider = self.cpu if cpu else self.device
         so = ort.SessionOptions()
@@ -171,8 +179,9 @@ class Sessions:
             so.optimized_model_filepath = save_optimized
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                         os.path.basename(save_optimized) + ".data")
+            min_bytes = save_min_bytes if save_min_bytes is not None else int(options.get("weights_threshold", MiB))
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                        str(int(options.get("weights_threshold", MiB))))
+                                        str(min_bytes))
         source: Any = graph
         if block is not None and not weights_as_inputs:
             if hasattr(so, "add_external_initializers_from_files_in_memory"):

@@ -1,12 +1,15 @@
 """Weights mode: the graph takes its weights as inputs; one long-lived session per architecture
 serves every model of it, and a swap-in is one copy of the weights into a device buffer.
 
-The graph is rewritten so the weights are graph inputs (``graph.as_inputs``). Models whose
-rewritten graphs match up to tensor sizes share one :class:`SessionGroup` (one session, created on
-the group's first swap-in and measured, with its runner thread). The device tier is a buffer
-filled by an asynchronous copy from the host block, bound to the session's inputs through
-IOBinding. Swap-out frees the buffer; the session stays while any member keeps the group, and
-its bytes are carried in the accounting by the group's first member.
+A model's first swap-in prepares it on the device (``optimize.py``): ONNX Runtime optimizes the
+graph for the device with the weights as constants, the optimized graph's weights become graph
+inputs, and the result is checked against the plain session there; a model whose check fails runs
+in session mode instead (``mode="auto"``). Models whose prepared graphs match up to tensor sizes
+share one :class:`SessionGroup` (one session, created on the group's first swap-in and measured,
+with its runner). The device tier is a buffer filled by an asynchronous copy from the host block,
+bound to the session's inputs once per residency. Swap-out frees the buffer; the session stays
+while any member keeps the group, and its bytes are carried in the accounting by the group's
+first member.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from ...devices.host import align
-from .graph import group_key
+from ...errors import ModelCacheError
+from . import graph, optimize
+from .graph import InvalidModelError, group_key
 from .handle import Mode, OrtHandle
 from .model import OrtModel
 
@@ -54,15 +59,13 @@ class WeightsMode(Mode):
         self.sessions_created = 0
 
     # moves -------------------------------------------------------------------------------------
-    def prepare(self, handle: OrtHandle) -> None:
-        """Models with the same rewritten graph (and session options) share a session group."""
-        if not handle.group_key:
-            share = bool(handle.options.get("share_session", True))
-            handle.group_key = group_key(handle.graph, handle.options, None if share else handle.name)
-
     def to_device(self, handle: OrtHandle) -> None:
         """Copy the weights into a device buffer, then join the handle's session group (creating
-        its session on the first swap-in of that architecture)."""
+        its session on the first swap-in of that architecture). The model's first swap-in
+        prepares and checks it first (see the module docstring)."""
+        if not handle.prepared:
+            self._first_swap_in(handle)
+            return
         assert handle.block is not None
         memory, gate = self.backend.memory, self.backend.sessions.gate
         nbytes = handle.weights_nbytes
@@ -102,8 +105,12 @@ class WeightsMode(Mode):
         self._leave(handle)         # below the host tier nothing stays on the device
 
     def host_session(self, handle: OrtHandle) -> Any:
-        return self.backend.sessions.create(handle.name, handle.graph, None, 0, cpu=True, options=handle.options,
-                                            weights_as_inputs=True)
+        lifted = handle.graph
+        if not handle.prepared:     # the original graph's weights as inputs, as it stands
+            lifted = graph.as_inputs(graph.onnx_module().load_from_string(handle.graph), handle.weights,
+                                     generic=bool(handle.options.get("share_session", True)))
+        return self.backend.sessions.create(handle.name, lifted, None, 0, cpu=True, options=handle.options,
+                                            weights_as_inputs=True, optimized=handle.optimized)
 
     def host_model(self, handle: OrtHandle) -> OrtModel:
         return OrtModel(handle.name, handle.host_session, handle.weights, None, handle.block, handle.input_names,
@@ -123,6 +130,8 @@ class WeightsMode(Mode):
         return group.nbytes if group is not None and members and members[0] is handle else 0
 
     def estimated_device_bytes(self, handle: OrtHandle) -> int:
+        if not handle.prepared:      # the check on the device runs the plain session too
+            return optimize.first_swap_in_bytes(handle.weights_nbytes, self._session_estimate())
         session = self.shared_bytes(handle) if handle.group is not None else self._new_group_bytes(handle.group_key)
         return handle.weights_nbytes + session
 
@@ -135,7 +144,8 @@ class WeightsMode(Mode):
 
     def details(self, handle: OrtHandle) -> Dict[str, Any]:
         group = handle.group
-        return {"session_group": handle.group_key[:12], "session_shared_by": len(group.members) if group else 0,
+        return {"prepared": handle.prepared, "session_group": handle.group_key[:12],
+                "session_shared_by": len(group.members) if group else 0,
                 "session_device_bytes": group.nbytes if group else 0,
                 "session_warmup_error": group.warmup_error if group else None}
 
@@ -147,14 +157,99 @@ class WeightsMode(Mode):
                     "sessions.created": self.sessions_created,
                     "sessions.models": sum(len(g.members) for g in groups)}
 
+    # the first swap-in -------------------------------------------------------------------------
+    def _first_swap_in(self, handle: OrtHandle) -> None:
+        """Prepare the model on the device and check it (``optimize.py``); on success it is
+        resident in weights mode, else it moves to the device in session mode (``mode="auto"``)
+        or the move fails (``mode="weights"``)."""
+        options, memory = handle.options, self.backend.memory
+        share = bool(options.get("share_session", True))
+        verify = bool(options.get("verify", True)) or options.get("mode", "auto") == "auto"
+        ref: Optional[optimize.Reference] = None
+        verdict: Optional[str] = None
+        figures: Dict[str, Any] = {}
+        original = (handle.graph, list(handle.weights), handle.block, handle.weights_nbytes)
+        lifted = None
+        try:
+            try:
+                ref = optimize.reference(self.backend, handle, save=bool(options.get("optimize", True)))
+            except ValueError as exc:           # no sample input runs: nothing to compare
+                if verify:
+                    raise _Rejected(str(exc)) from None
+            if verify and ref is not None:
+                ref.literal_deviation = optimize.literal_deviation(self.backend, handle, ref)
+            lifted = optimize.lift(self.backend, handle, ref, share)
+            figures.update(lifted.notes)
+            handle.optimized = lifted.optimized
+            handle.graph, handle.weights, handle.weights_nbytes = lifted.graph, lifted.weights, lifted.weights_nbytes
+            handle.block = lifted.block or handle.block
+            handle.group_key = group_key(lifted.graph, options, None if share else handle.name)
+            handle.sample_feed = ref.feed if ref is not None else None
+            handle.prepared = True
+            try:
+                self.to_device(handle)
+                if verify and ref is not None:
+                    group = handle.group
+                    assert group is not None and handle.device_weights is not None
+                    got = optimize.candidate_outputs(self.backend, handle, lifted, group.session,
+                                                     handle.device_weights.ptr, group.runner, ref.feed)
+                    verdict, checked = optimize.compare(ref, got, handle.output_names, options, memory.kind)
+                    figures.update(checked)
+            except ModelCacheError as exc:
+                if not isinstance(exc, InvalidModelError):
+                    raise
+                verdict = f"the rewritten graph fails on ONNX Runtime ({str(exc)[:300]})"
+            except Exception as exc:
+                verdict = f"the rewritten graph fails on ONNX Runtime ({type(exc).__name__}: {str(exc)[:300]})"
+        except _Rejected as exc:
+            verdict = str(exc)
+        except BaseException:
+            self._restore(handle, original, lifted)
+            raise
+        finally:
+            optimize.cleanup(ref)
+        handle.check = figures
+        if verdict is None:
+            if lifted is not None and lifted.block is not None and original[2] is not None:
+                self.backend.pool.put(original[2])          # the original weights are not needed any more
+            handle.mode_reason = ("requested" if options.get("mode") == "weights" else
+                                  f"outputs match the plain session's on {memory.kind}: deviation {figures.get('deviation', 0):.3g} <= "
+                                  f"tolerance {figures.get('tolerance', 0):.3g}" if verify else "not checked (verify=False)")
+            self.backend.refresh_host_session(handle)
+            return
+        self._restore(handle, original, lifted)
+        if options.get("mode") == "weights":
+            raise InvalidModelError(f"mode='weights' cannot be used: {verdict}", model=handle.name)
+        self.backend.switch_to_session_mode(handle, f"weights mode rejected: {verdict}")
+
+    def _restore(self, handle: OrtHandle, original: Tuple[bytes, List[Any], Any, int], lifted: Any) -> None:
+        """Undo a first swap-in: off the device, the original graph and weights back."""
+        self._retire_device(handle)
+        if lifted is not None and lifted.block is not None and handle.block is lifted.block:
+            self.backend.pool.put(lifted.block)
+        handle.graph, handle.weights, handle.block, handle.weights_nbytes = original
+        handle.group_key, handle.prepared, handle.sample_feed, handle.optimized = "", False, None, False
+
+    def _retire_device(self, handle: OrtHandle) -> None:
+        if handle.wrapper is not None:
+            handle.wrapper.retire()
+            handle.wrapper = None
+        self.to_host(handle)
+        self._leave(handle)
+
     # session groups ----------------------------------------------------------------------------
+    def _session_estimate(self) -> int:
+        """Device bytes a session not yet measured is planned with: the largest measured so far,
+        at least the device's own estimate."""
+        return max(self._session_bytes_seen, self.backend.memory.session_overhead_bytes)
+
     def _new_group_bytes(self, key: str) -> int:
         """Device bytes a swap-in adds by creating its group's session: 0 if the session exists,
-        else the largest session measured so far."""
+        else the session estimate."""
         group = self._groups.get(key)
         if group is not None and group.session is not None:
             return 0
-        return self._session_bytes_seen
+        return self._session_estimate()
 
     def _join(self, handle: OrtHandle, base: int) -> SessionGroup:
         """The handle's session group, its session created (and measured) if this is the group's
@@ -188,10 +283,12 @@ class WeightsMode(Mode):
 
         def create() -> Any:
             session = sessions.create(handle.name, handle.graph, None, 0, cpu=False, options=handle.options,
-                                      weights_as_inputs=True)
+                                      weights_as_inputs=True, optimized=handle.optimized)
             group.warmup_error = None
-            if handle.sample_inputs is not None:
+            feed = handle.sample_feed
+            if feed is None and handle.sample_inputs is not None:
                 feed = {name: np.zeros(shape, dtype) for name, dtype, shape in handle.sample_inputs}
+            if feed is not None:
                 try:   # the caller is the session's runner: the model runs here, not through it
                     OrtModel(handle.name, session, handle.weights, (memory.kind, memory.index), base,
                              handle.input_names, handle.output_names).run(None, feed)
@@ -250,3 +347,7 @@ class WeightsMode(Mode):
     def _free_on_runner(self, box: List[Any]) -> None:
         with self.backend.sessions.gate.read():   # frees never overlap a measurement
             box.clear()
+
+
+class _Rejected(Exception):
+    """The check could not run or found the rewrite wrong (the message says why)."""

@@ -1,0 +1,130 @@
+"""Weights mode on the operator families of real architectures (the CPU builders): the check on the
+device picks it, ONNX Runtime's optimizations are kept, Constant-node weights count, inputs are
+checked, and a rewrite that really changes results is refused."""
+import numpy as np
+import pytest
+
+import modelcache as mc
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from modelcache.tools.families import FAMILIES, make_family, sample_input  # noqa: E402
+
+SMALL = 4096     # the "small" builders' weights are tens of KiB each: below the default 1 MiB threshold
+
+
+@pytest.fixture
+def cache():
+    with mc.ModelCache(monitor=mc.SimulatedDevice("512MiB"), reserve=0, watch_interval=None) as c:
+        yield c
+
+
+def plain_outputs(model, feed):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+@pytest.mark.parametrize("constant_nodes", [False, True], ids=["initializers", "constant-nodes"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_in_weights_mode_with_optimized_graph(cache, family, constant_nodes):
+    model = make_family(family, seed=3, constant_nodes=constant_nodes)
+    feed = sample_input(model)
+    expected = plain_outputs(model, feed)
+    assert all(np.std(e) > 0 for e in expected)          # outputs that vary: the comparison means something
+    cache.register("m", model, backend="onnxruntime", weights_threshold=SMALL)
+    cache.prefetch("m", tier=mc.Tier.HOST).result()
+    assert cache.info("m").details["mode"] == "weights" and not cache.info("m").details["prepared"]
+    with cache.use("m") as served:
+        got = served.run(None, feed)
+    details = cache.info("m").details
+    assert details["mode"] == "weights", details["mode_reason"]
+    assert details["prepared"] and details["optimized_graph"] and details["verified_on"] == "cpu"
+    assert 0 <= details["deviation"] <= details["tolerance"] and details["output_scale"] > 0
+    assert "match" in details["mode_reason"]
+    weights = sum(int(np.prod(i.dims)) * 4 for i in model.graph.initializer if i.data_type == 1)
+    consts = sum(int(np.prod(n.attribute[0].t.dims)) * 4 for n in model.graph.node if n.op_type == "Constant")
+    assert details["weights_bytes"] >= 0.5 * (weights + consts)    # the weights are swapped, Constant nodes too
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(np.abs(e).max()))
+
+
+def test_ort_optimizations_are_kept_in_the_served_graph(cache):
+    """BatchNormalization is folded into the convolutions and the attention block is fused, as in a
+    plain session: the lifted graph the shared session runs is ONNX Runtime's optimized one."""
+    for name, family in (("r", "resnet"), ("b", "bert")):
+        cache.register(name, make_family(family), backend="onnxruntime", weights_threshold=SMALL)
+        with cache.use(name):
+            pass
+    ops = {name: {n.op_type for n in onnx.load_from_string(cache._entries[name].handle.graph).graph.node}
+           for name in ("r", "b")}
+    assert "BatchNormalization" not in ops["r"]
+    assert "Erf" not in ops["b"] and {"Gelu", "SkipLayerNormalization"} <= ops["b"]   # fused
+
+
+def test_weights_are_bound_once_per_residency(cache, monkeypatch):
+    model = make_family("bert")
+    feed = sample_input(model)
+    cache.register("m", model, backend="onnxruntime", weights_threshold=SMALL)
+    with cache.use("m") as served:
+        session = served._session
+        calls = []
+        real = session.io_binding
+        monkeypatch.setattr(session, "io_binding", lambda: calls.append(1) or real())
+        first = served.run(None, feed)[0]
+        for _ in range(20):
+            np.testing.assert_array_equal(served.run(None, feed)[0], first)
+        other = sample_input(model, seed=5)
+        assert not np.array_equal(served.run(None, other)[0], first)    # inputs are rebound every run
+    assert len(calls) == 1        # one binding with the weights, reused by every run
+
+
+def test_fine_tunes_of_one_architecture_share_one_session(cache):
+    for seed in range(3):
+        cache.register(f"v{seed}", make_family("resnet", seed=seed), backend="onnxruntime", weights_threshold=SMALL)
+        with cache.use(f"v{seed}"):
+            pass
+    assert cache.info("v2").details["session_shared_by"] == 3
+    assert cache.stats()["onnxruntime.sessions"] == 1
+
+
+@pytest.mark.parametrize("mode", ["weights", "session"])
+def test_inputs_are_checked_against_declared_shapes_and_types(cache, mode):
+    model = make_family("resnet")                  # x: float32 [1, 3, 32, 32]
+    feed = sample_input(model)
+    cache.register("m", model, backend="onnxruntime", mode=mode, weights_threshold=SMALL)
+    with cache.use("m") as served:
+        with pytest.raises(mc.ModelInputError, match=r"'m'.*'x'.*shape \[3, 3, 32, 32\], expected \[1, 3, 32, 32\]"):
+            served.run(None, {"x": np.zeros((3, 3, 32, 32), np.float32)})
+        with pytest.raises(mc.ModelInputError, match=r"'x'.*dtype float64, expected float32"):
+            served.run(None, {"x": feed["x"].astype(np.float64)})
+        with pytest.raises(mc.ModelInputError, match=r"'x'.*shape \[3, 32, 32\]"):
+            served.run(None, {"x": feed["x"][0]})
+        served.run(None, feed)                     # and the right input still runs
+
+
+def test_symbolic_dimensions_accept_any_size(cache):
+    from modelcache.tools.generate import make_mlp
+    cache.register("m", make_mlp(128, 2), backend="onnxruntime", weights_threshold=4096)   # x: [batch, 128]
+    with cache.use("m") as served:
+        assert served.run(None, {"x": np.ones((5, 128), np.float32)})[0].shape == (5, 128)
+        with pytest.raises(mc.ModelInputError, match=r"shape \[5, 64\], expected \[\?, 128\]"):
+            served.run(None, {"x": np.ones((5, 64), np.float32)})
+
+
+def test_a_rewrite_that_changes_results_is_refused(cache, monkeypatch):
+    """The check compares on the device with a tolerance scaled to the outputs: a rewrite that
+    scales one weight by 1.01 changes a ResNet's logits by far more than that tolerance."""
+    import modelcache.backends.onnxruntime.optimize as optimize
+    real = optimize.candidate_outputs
+
+    def drifting(backend, handle, lifted, session, ptr, runner, feed):
+        outputs = real(backend, handle, lifted, session, ptr, runner, feed)
+        return [o * 1.01 for o in outputs]
+    monkeypatch.setattr(optimize, "candidate_outputs", drifting)
+    model = make_family("resnet")
+    cache.register("m", model, backend="onnxruntime", weights_threshold=SMALL)
+    with cache.use("m") as served:
+        got = served.run(None, sample_input(model))[0]
+    details = cache.info("m").details
+    assert details["mode"] == "session" and "differs" in details["mode_reason"]
+    assert details["deviation"] > details["tolerance"]
+    np.testing.assert_allclose(got, plain_outputs(model, sample_input(model))[0], rtol=1e-4, atol=1e-3)
