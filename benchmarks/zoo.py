@@ -259,7 +259,6 @@ def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], ru
     info = cache.info(name)
     row.update(session_bytes=info.details.get("session_device_bytes"),
                shared_by=info.details.get("session_shared_by"))
-    del plain
     return row
 
 
@@ -305,11 +304,8 @@ def main() -> int:
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
     gpu = "CUDAExecutionProvider" in ort.get_available_providers()
-    try:
-        import torch  # noqa: F401
-        have_torch = True
-    except ImportError:
-        have_torch = False
+    import importlib.util
+    have_torch = importlib.util.find_spec("torch") is not None
     use_builders = a.builders or not have_torch
     wanted = [m for m in a.models.split(",") if m]
     if use_builders:
