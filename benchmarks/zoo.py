@@ -299,6 +299,7 @@ def main() -> int:
                    "Runtime's default on a GPU)")
     p.add_argument("--json", help="write the rows and the environment here")
     p.add_argument("--no-goals", action="store_true")
+    p.add_argument("--export-only", action="store_true", help="export the zoo (when missing) and stop")
     a = p.parse_args()
     import onnxruntime as ort
     if hasattr(ort, "preload_dlls"):
@@ -313,6 +314,8 @@ def main() -> int:
         models = [m for m in build_families(a.zoo) if not wanted or m[2].split("-")[0] in wanted]
     else:
         models = export_zoo(a.zoo, wanted or list(ZOO), not a.no_variants)
+        if a.export_only:
+            return 0
     monitor = None if gpu else mc.SimulatedDevice("32GiB")
     cache = mc.ModelCache(device=0 if gpu else None, monitor=monitor, device_budget="60GiB" if gpu else "30GiB",
                           reserve=0, watch_interval=None)
@@ -339,10 +342,14 @@ def main() -> int:
     rows = []
     for name, path, arch in models:
         cache.register(name, path, backend="onnxruntime", **options)
+        before = cache.monitor.process_bytes()
         try:
             row = measure(cache, name, path, providers, a.runs, a.swaps, floor_of, session_options)
         except Exception as exc:
             row = {"model": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        after = cache.monitor.process_bytes()
+        if before is not None and after is not None and gpu:
+            row["nvml_growth_parked"] = after - before     # what stays once the model is parked again
         row["architecture"] = arch
         rows.append(row)
         if "error" in row:
@@ -354,7 +361,8 @@ def main() -> int:
               f"{'-' if row['swap_ratio'] is None else format(row['swap_ratio'], '.2f'):>5} {ms(row['swap_out_ms']):>6} "
               f"{ms(row['first_result_ms']):>7} {ms(row['plain_run_ms']):>7} {ms(row['run_ms']):>7} "
               f"{row['run_ratio']:>6.3f} {row['use_overhead_us']:>5.0f}u "
-              f"{(row['session_bytes'] or 0) / MiB:>6.0f}Mi", flush=True)
+              f"{(row['session_bytes'] or 0) / MiB:>6.0f}Mi"
+              + (f" nvml+{row['nvml_growth_parked'] / MiB:.0f}Mi" if "nvml_growth_parked" in row else ""), flush=True)
         print(f"{'':<22} why: {row['why']}; a lease alone: {row['lease_us']:.1f} us", flush=True)
     # a parked architecture: every model of it evicted, its shared session kept
     parked: Dict[str, Any] = {}

@@ -291,7 +291,8 @@ class WeightsMode(Mode):
             if feed is not None:
                 try:   # the caller is the session's runner: the model runs here, not through it
                     OrtModel(handle.name, session, handle.weights, (memory.kind, memory.index), base,
-                             handle.input_names, handle.output_names).run(None, feed)
+                             handle.input_names, handle.output_names, sessions.run_options(handle.options)
+                             ).run(None, feed)
                 except Exception as exc:    # e.g. a symbolic dimension that 1 does not suit
                     group.warmup_error = f"{type(exc).__name__}: {str(exc)[:200]}"
             return session
