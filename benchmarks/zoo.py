@@ -211,12 +211,20 @@ def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], ru
     # run time: interleaved, the model held through one lease
     lease = cache.use(name)
     held = lease.acquire()
-    plain_t, held_t, used_t, held2_t = [], [], [], []
+    plain_t, held_t, used_t, held2_t, direct_t = [], [], [], [], []
     for _ in range(5):
         plain.run(None, feed), held.run(None, feed)
-    for _ in range(runs):
-        plain_t.append(_timed(lambda: plain.run(None, feed)))
-        held_t.append(_timed(lambda: held.run(None, feed)))
+    for i in range(runs):           # ABBA order: neither goes first more often
+        pair = [lambda: plain_t.append(_timed(lambda: plain.run(None, feed))),
+                lambda: held_t.append(_timed(lambda: held.run(None, feed)))]
+        for step in (pair if i % 2 == 0 else pair[::-1]):
+            step()
+    if os.environ.get("ZOO_DIRECT"):    # diagnostic: the same run on this thread, without the runner hop
+        names = [o.name for o in held.get_outputs()]
+        checked = held._checked(feed)
+        for _ in range(runs):
+            direct_t.append(_timed(lambda: held._bind_and_run(names, checked, None)))
+        row["direct_run_ms"] = statistics.median(direct_t) * 1e3
 
     def use_and_run() -> None:
         with cache.use(name) as m:
@@ -362,7 +370,8 @@ def main() -> int:
               f"{ms(row['first_result_ms']):>7} {ms(row['plain_run_ms']):>7} {ms(row['run_ms']):>7} "
               f"{row['run_ratio']:>6.3f} {row['use_overhead_us']:>5.0f}u "
               f"{(row['session_bytes'] or 0) / MiB:>6.0f}Mi"
-              + (f" nvml+{row['nvml_growth_parked'] / MiB:.0f}Mi" if "nvml_growth_parked" in row else ""), flush=True)
+              + (f" nvml+{row['nvml_growth_parked'] / MiB:.0f}Mi" if "nvml_growth_parked" in row else "")
+              + (f" direct {row['direct_run_ms']:.2f}" if "direct_run_ms" in row else ""), flush=True)
         print(f"{'':<22} why: {row['why']}; a lease alone: {row['lease_us']:.1f} us", flush=True)
     # a parked architecture: every model of it evicted, its shared session kept
     parked: Dict[str, Any] = {}

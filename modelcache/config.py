@@ -47,6 +47,7 @@ def resolve(device: Optional[int], device_budget: Optional[Size], reserve: Size,
                                f"monitor=modelcache.SimulatedDevice(total='16GiB')") from exc
     elif device is not None and device != monitor.device:
         raise ConfigError(f"device={device} but the monitor watches device {monitor.device}")
+    monitor.memory      # the device's memory operations, set up before runtimes start (cuda.CudaMemory)
     try:
         total = monitor.total_bytes()
         reserve_bytes = parse_size(reserve, total=total, what="reserve")

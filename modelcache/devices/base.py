@@ -11,10 +11,12 @@ A monitor gives its device's operations as :attr:`DeviceMonitor.memory`.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from .host import HostPool
 
@@ -145,17 +147,53 @@ class InlineRunner(Runner):
 class ThreadRunner(Runner):
     """A thread of its own: runtimes that keep device state per calling thread (ONNX Runtime's
     CUDA provider keeps cuBLAS/cuDNN handles and workspaces for every thread that runs a
-    session) keep it for this one thread only."""
+    session) keep it for this one thread only. A call is handed over through a queue and its
+    caller woken by a lock: the cheapest hand-off between Python threads."""
 
     def __init__(self, label: str) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"modelcache-{label}"[:40])
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=f"modelcache-{label}"[:40], daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            task()
 
     def submit(self, fn: Callable[..., T], *args: Any) -> "Future[T]":
-        return self._executor.submit(fn, *args)
+        future: "Future[T]" = Future()
+
+        def task() -> None:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+        self._queue.put(task)
+        return future
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        done = threading.Lock()
+        done.acquire()
+        box: List[Any] = []
+
+        def task() -> None:
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as exc:
+                box.append((False, exc))
+            finally:
+                done.release()
+        self._queue.put(task)
+        done.acquire()
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False)
+        self._queue.put(None)
 
 
 class DeviceMemory(ABC):

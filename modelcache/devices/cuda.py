@@ -220,6 +220,9 @@ def describe_device(device: int) -> Dict[str, Any]:
     return facts
 
 
+CUBLAS_WORKSPACE = ":4096:2"       # cuBLAS workspace per handle: 2 buffers of 4096 KiB
+
+
 class CudaMemory(DeviceMemory):
     """:class:`DeviceMemory` on a CUDA device: stream-ordered buffers on the calling thread's
     stream, pinned host pools, a thread per runtime session, and allocations measured through
@@ -228,6 +231,11 @@ class CudaMemory(DeviceMemory):
     kind = "cuda"
 
     def __init__(self, monitor: Any) -> None:
+        # runtimes make cuBLAS handles per session, and cuBLAS gives each a workspace: with its
+        # default size on Hopper a parked ONNX Runtime session holds ~130 MiB, with 2 x 4 MiB
+        # ~20 MiB. cuBLAS reads this when the process first uses it: set your own value before
+        # that to choose another (docs/onnxruntime.md)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
         self.monitor = monitor
         self.index = int(monitor.device)
         self.torch_device = f"cuda:{self.index}"

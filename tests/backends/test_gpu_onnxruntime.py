@@ -134,10 +134,11 @@ def test_device_fast_path_with_torch_arrays(big_model):
 
 
 def test_one_architecture_shares_one_session_and_nvml_agrees(tmp_path, cuda_ort):
-    """Four MLPs of one topology and different sizes: one CUDA session, every output right, and
-    the accounted bytes (weights + the session's measured bytes, once) match NVML's growth."""
+    """Four fine-tunes of one model (same graph and shapes, other weights): one CUDA session, every
+    output right, and the accounted bytes (weights + the session's measured bytes, once) match
+    NVML's growth."""
     models = {}
-    for k, hidden in enumerate((1024, 1536, 2048, 3072)):
+    for k, hidden in enumerate((2048, 2048, 2048, 2048)):
         path = save_model(make_mlp(hidden, 4, seed=k, batch=1), str(tmp_path / f"m{k}.onnx"), external_data=True)
         x = np.random.default_rng(k).standard_normal((1, hidden)).astype(np.float32)
         plain = cuda_ort.InferenceSession(path, providers=["CUDAExecutionProvider"])

@@ -296,30 +296,31 @@ def _serve_checked(cache, models, after=None):
 
 
 def test_models_of_one_architecture_share_one_session_counted_once(tmp_path):
-    """Same topology, other weights and sizes: one session, its bytes counted once, every output
-    right; another architecture gets its own; the session goes with its last model."""
+    """Same graph and shapes, other weights (fine-tunes): one session, its bytes counted once, every
+    output right; another size or architecture gets its own; the session goes with its last model."""
     device = mc.SimulatedDevice("64MiB", session_overhead="1MiB")
-    models = {"a": _mlp(tmp_path, 256, 1), "b": _mlp(tmp_path, 256, 2), "c": _mlp(tmp_path, 384, 3),
-              "deep": _mlp(tmp_path, 256, 4, layers=3)}
+    models = {"a": _mlp(tmp_path, 256, 1), "b": _mlp(tmp_path, 256, 2), "c": _mlp(tmp_path, 256, 3),
+              "wide": _mlp(tmp_path, 384, 5), "deep": _mlp(tmp_path, 256, 4, layers=3)}
     with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
         for name, (path, _, _) in models.items():
             cache.register(name, path, weights_threshold=4096)
         for _ in range(2):
             _serve_checked(cache, models)
         stats = cache.stats()
-        assert stats["onnxruntime.sessions"] == 2 and stats["onnxruntime.sessions.created"] == 2
-        assert [cache.info(n).details["session_shared_by"] for n in models] == [3, 3, 3, 1]
+        assert stats["onnxruntime.sessions"] == 3 and stats["onnxruntime.sessions.created"] == 3
+        assert [cache.info(n).details["session_shared_by"] for n in models] == [3, 3, 3, 1, 1]
         weights = sum(cache.info(n).details["weights_bytes"] for n in models)
-        assert stats["device.bytes"] == stats["device.accounted_bytes"] == weights + 2 * MiB
-        assert device.process_bytes() == weights + 2 * MiB
+        assert stats["device.bytes"] == stats["device.accounted_bytes"] == weights + 3 * MiB
+        assert device.process_bytes() == weights + 3 * MiB
         cache.evict("a")                      # the owner leaves the device: the bytes stay counted
-        assert cache.stats()["device.bytes"] == weights - cache.info("a").details["weights_bytes"] + 2 * MiB
+        assert cache.stats()["device.bytes"] == weights - cache.info("a").details["weights_bytes"] + 3 * MiB
         cache.unregister("a")                 # the next member carries them
         cache.unregister("b")
-        assert cache.stats()["onnxruntime.sessions"] == 2
+        assert cache.stats()["onnxruntime.sessions"] == 3
         assert cache.stats()["device.accounted_bytes"] == device.process_bytes()
         cache.unregister("c")
-        assert cache.stats()["onnxruntime.sessions"] == 1
+        assert cache.stats()["onnxruntime.sessions"] == 2
+        cache.unregister("wide")
         cache.unregister("deep")
         assert cache.stats()["onnxruntime.sessions"] == 0 and device.process_bytes() == 0
 

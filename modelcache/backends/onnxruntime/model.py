@@ -131,6 +131,12 @@ class OrtModel:
             self._bindings.append(binding)   # its data inputs are rebound by the next run
         return outputs
 
+    def prime(self) -> None:
+        """Bind the weights now (a binding for the first run), so the first run after a swap-in
+        does not pay for it."""
+        if self._weights and not self._bindings:
+            self._bindings.append(self.io_binding())
+
     def io_binding(self) -> Any:
         """A fresh IOBinding with every weight bound (on the device, or from host memory)."""
         self._alive()

@@ -76,14 +76,15 @@ def reference(backend: "OnnxRuntimeBackend", handle: "OrtHandle", save: bool) ->
                                    options=handle.options, save_optimized=path,
                                    save_min_bytes=small if small is not None else None)
 
-        session, charge = memory.measure(lambda: runner.call(create),
-                                         expected_bytes=handle.weights_nbytes + memory.session_overhead_bytes,
-                                         owner=handle.name)
-        try:
-            feed, outputs = runner.call(_sample_run, session, handle.options.get("sample_input"))
-        finally:
-            del session            # its device memory goes before the model's own buffer is made
-            charge.free()
+        with sessions.gate.write():    # its first run searches convolution algorithms: a workspace spike
+            session, charge = memory.measure(lambda: runner.call(create),
+                                             expected_bytes=handle.weights_nbytes + memory.session_overhead_bytes,
+                                             owner=handle.name)
+            try:
+                feed, outputs = runner.call(_sample_run, session, handle.options.get("sample_input"))
+            finally:
+                del session            # its device memory goes before the model's own buffer is made
+                charge.free()
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

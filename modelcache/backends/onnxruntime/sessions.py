@@ -37,7 +37,7 @@ class CpuProvider:
     def providers(self, options: Dict[str, Any]) -> List[Any]:
         return ["CPUExecutionProvider"]
 
-    def configure(self, so: Any, options: Dict[str, Any]) -> None:
+    def configure(self, so: Any, options: Dict[str, Any], weights_as_inputs: bool = False) -> None:
         """Provider-specific session settings."""
 
     def run_options(self, options: Dict[str, Any]) -> Any:
@@ -62,12 +62,15 @@ class CudaProvider(CpuProvider):
             raise ModelCacheError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
                                   f"(providers: {ort.get_available_providers()}); install onnxruntime-gpu")
         cuda = {"device_id": str(self.device), "arena_extend_strategy": "kSameAsRequested",
-                "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
+                "cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "0",
+                "do_copy_in_default_stream": "1"}
         cuda.update({k: str(v) for k, v in (options.get("provider_options") or {}).items()})
         return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
-    def configure(self, so: Any, options: Dict[str, Any]) -> None:
-        if options.get("shared_arena", False) and self._shared_arena():
+    def configure(self, so: Any, options: Dict[str, Any], weights_as_inputs: bool = False) -> None:
+        # only sessions of lifted graphs (no weights of their own) use the shared arena: a plain
+        # session's initializers would stay in it after the session is gone
+        if weights_as_inputs and options.get("shared_arena", True) and self._shared_arena():
             so.add_session_config_entry("session.use_env_allocators", "1")
 
     def run_options(self, options: Dict[str, Any]) -> Any:
@@ -174,7 +177,7 @@ class Sessions:
             setattr(so, key, val)
         if optimized:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        provider.configure(so, options)
+        provider.configure(so, options, weights_as_inputs)
         if save_optimized:
             so.optimized_model_filepath = save_optimized
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name",

@@ -85,6 +85,7 @@ class WeightsMode(Mode):
                                   handle.input_names, handle.output_names,
                                   self.backend.sessions.run_options(handle.options), group.runner, gate,
                                   handle.signature)
+        group.runner.call(handle.wrapper.prime)     # weights bound once per residency, on the session's thread
 
     def to_host(self, handle: OrtHandle) -> None:
         if handle.device_weights is not None:
