@@ -214,16 +214,16 @@ def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], ru
     plain_t, held_t, used_t, held2_t, direct_t = [], [], [], [], []
     for _ in range(5):
         plain.run(None, feed), held.run(None, feed)
-    for i in range(runs):           # ABBA order: neither goes first more often
-        pair = [lambda: plain_t.append(_timed(lambda: plain.run(None, feed))),
-                lambda: held_t.append(_timed(lambda: held.run(None, feed)))]
-        for step in (pair if i % 2 == 0 else pair[::-1]):
-            step()
+    steps = [lambda: plain_t.append(_timed(lambda: plain.run(None, feed))),
+             lambda: held_t.append(_timed(lambda: held.run(None, feed)))]
     if os.environ.get("ZOO_DIRECT"):    # diagnostic: the same run on this thread, without the runner hop
         names = [o.name for o in held.get_outputs()]
         checked = held._checked(feed)
-        for _ in range(runs):
-            direct_t.append(_timed(lambda: held._bind_and_run(names, checked, None)))
+        steps.append(lambda: direct_t.append(_timed(lambda: held._bind_and_run(names, checked, None))))
+    for i in range(runs):           # rotating order: none goes first more often
+        for k in range(len(steps)):
+            steps[(i + k) % len(steps)]()
+    if direct_t:
         row["direct_run_ms"] = statistics.median(direct_t) * 1e3
 
     def use_and_run() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -150,17 +151,28 @@ class ThreadRunner(Runner):
     session) keep it for this one thread only. A call is handed over through a queue and its
     caller woken by a lock: the cheapest hand-off between Python threads."""
 
+    #: seconds a runner keeps polling for the next call before it blocks: a thread woken from a
+    #: blocking wait runs the next launch-bound model up to 25 % slower (measured on the H100 host)
+    SPIN_S = 0.003
+
     def __init__(self, label: str) -> None:
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=f"modelcache-{label}"[:40], daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            task = self._queue.get()
-            if task is None:
-                return
+        get, spin = self._queue.get, self.SPIN_S
+        task = get()
+        while task is not _STOP:
             task()
+            task, until = None, time.perf_counter() + spin
+            while task is None and time.perf_counter() < until:
+                try:
+                    task = self._queue.get_nowait()
+                except queue.Empty:
+                    time.sleep(0)          # let other threads run (and take the GIL)
+            if task is None:
+                task = get()
 
     def submit(self, fn: Callable[..., T], *args: Any) -> "Future[T]":
         future: "Future[T]" = Future()
@@ -193,7 +205,10 @@ class ThreadRunner(Runner):
         raise value
 
     def shutdown(self) -> None:
-        self._queue.put(None)
+        self._queue.put(_STOP)
+
+
+_STOP = object()
 
 
 class DeviceMemory(ABC):
