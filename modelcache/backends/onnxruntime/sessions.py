@@ -44,6 +44,11 @@ class CpuProvider:
         """Default RunOptions for the model's runs (None: ONNX Runtime's defaults)."""
         return None
 
+    def shrinking_run_options(self) -> Any:
+        """RunOptions for a run after which the device arena gives back what the run took (None:
+        the provider keeps no arena on a device)."""
+        return None
+
 
 class CudaProvider(CpuProvider):
     """ONNX Runtime's CUDA execution provider on one device, with the CPU provider as fallback."""
@@ -76,8 +81,9 @@ class CudaProvider(CpuProvider):
     def run_options(self, options: Dict[str, Any]) -> Any:
         """With ``shrink_arena`` (default False; no effect measured on the H100), arenas give back
         what a run allocated once it ends."""
-        if not options.get("shrink_arena", False):
-            return None
+        return self.shrinking_run_options() if options.get("shrink_arena", False) else None
+
+    def shrinking_run_options(self) -> Any:
         run_options = ort_module().RunOptions()
         run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.device}")
         return run_options

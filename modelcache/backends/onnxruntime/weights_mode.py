@@ -291,8 +291,10 @@ class WeightsMode(Mode):
                 feed = {name: np.zeros(shape, dtype) for name, dtype, shape in handle.sample_inputs}
             if feed is not None:
                 try:   # the caller is the session's runner: the model runs here, not through it
+                    # the arena gives back what the run took: the figure is the session's own, not
+                    # working memory (shared by every session's runs)
                     OrtModel(handle.name, session, handle.weights, (memory.kind, memory.index), base,
-                             handle.input_names, handle.output_names, sessions.run_options(handle.options)
+                             handle.input_names, handle.output_names, sessions.device.shrinking_run_options()
                              ).run(None, feed)
                 except Exception as exc:    # e.g. a symbolic dimension that 1 does not suit
                     group.warmup_error = f"{type(exc).__name__}: {str(exc)[:200]}"
