@@ -57,7 +57,7 @@ def main() -> int:
     for rnd in range(2):
         for i, s in enumerate(specs):
             with cache.use(s.name, timeout=None) as model:
-                model.run(None, {"x": s.x})
+                model.run(None, s.feed)
             if rnd == 0 and (i < 4 or i % 10 == 9):
                 report(cache, base, f"pass {rnd}: {i + 1} models on the device")
         report(cache, base, f"pass {rnd}: all {len(specs)} on the device")
@@ -84,7 +84,7 @@ def main() -> int:
             if s is None:
                 return
             with cache.use(s.name, timeout=None) as model:
-                model.run(None, {"x": s.x})
+                model.run(None, s.feed)
                 grown, accounted = unaccounted(cache, base)
                 with lock:
                     peak[0] = max(peak[0], grown - accounted)

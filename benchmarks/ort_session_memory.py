@@ -42,7 +42,7 @@ def main() -> None:
         with cache.use(s.name) as m:
             for _ in range(3):
                 t = time.perf_counter()
-                m.run(None, {"x": s.x})
+                m.run(None, s.feed)
                 runs.append(time.perf_counter() - t)
     on = mon.process_bytes() - base
     weights = sum(s.nbytes for s in specs)

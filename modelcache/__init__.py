@@ -14,7 +14,8 @@ cuda-python, nvidia-ml-py): backends and devices import them when first used. Th
 tools live in ``modelcache.tools`` (not imported here).
 """
 from .backends import Backend, BackendContext, Handle, register_backend
-from .cache import Lease, ModelCache
+from .cache import ModelCache
+from .lease import Lease
 from .errors import (BackendError, CacheClosedError, ConfigError, CorruptFileError, DeviceBusyError,
                      DeviceOutOfMemoryError, DuplicateModelError, EngineBuildError, EngineCompatibilityError,
                      EngineDeserializationError, LeaseTimeoutError, LoaderError, ModelInputError,

@@ -1,7 +1,7 @@
 """The cache: registered models, leases, and the moves that keep the device within budget.
 
-A request's path, top to bottom in this file: ``use()`` returns a :class:`Lease`; entering it
-calls ``_acquire()``, which either finds the model resident (a hit) or makes it resident
+A request's path, top to bottom in this file: ``use()`` returns a :class:`Lease` (``lease.py``);
+entering it calls ``_acquire()``, which either finds the model resident (a hit) or makes it resident
 (``_step_up`` from disk/unloaded to the host, then ``_plan_swap_in`` + ``_swap_in`` onto the
 device, evicting victims first); the caller runs the model; leaving the lease calls
 ``_release()``. What a model holds and which models give way is the ledger's (``ledger.py``).
@@ -32,6 +32,7 @@ from .config import resolve
 from .devices import DeviceMonitor
 from .errors import (BackendError, CacheClosedError, ConfigError, DeviceBusyError, DuplicateModelError,
                      LeaseTimeoutError, LoaderError, ModelCacheError, ModelInUseError, ModelNotFoundError)
+from .lease import Lease
 from .ledger import Entry, Ledger, Reservation
 from .moves import Mover, call_loader, make_deadline, release_quietly, time_left
 from .policies import Policy
@@ -43,52 +44,6 @@ from .watcher import Watcher
 logger = logging.getLogger("modelcache")
 
 _DEFAULT_TIMEOUT = decorators.DEFAULT_TIMEOUT
-
-
-class Lease:
-    """A model held resident on the device while the lease is held. Use as a context manager
-    (``with cache.use(name) as model``) or call :meth:`acquire` and :meth:`release`."""
-
-    __slots__ = ("_cache", "name", "timeout", "allow_host", "_entry", "_model", "hit")
-
-    def __init__(self, cache: "ModelCache", name: str, timeout: Optional[float], allow_host: bool = False) -> None:
-        self._cache, self.name, self.timeout, self.allow_host = cache, name, timeout, allow_host
-        self._entry: Optional[Entry] = None
-        self._model: Any = None
-        self.hit: Optional[bool] = None   #: after acquire: True if the model was already on the device
-
-    def acquire(self) -> Any:
-        """Make the model resident (waiting up to ``timeout`` seconds) and return it."""
-        if self._entry is not None:
-            raise ModelCacheError("this lease is already held; release it first", model=self.name)
-        self._entry, self._model, self.hit = self._cache._acquire(self.name, self.timeout, lease=True,
-                                                                  allow_host=self.allow_host)
-        return self._model
-
-    def release(self) -> None:
-        """Give the lease back (idempotent)."""
-        entry, self._entry, self._model = self._entry, None, None
-        if entry is not None:
-            self._cache._release(entry)
-
-    @property
-    def held(self) -> bool:
-        return self._entry is not None
-
-    @property
-    def model(self) -> Any:
-        if self._entry is None:
-            raise ModelCacheError("the lease is not held", model=self.name)
-        return self._model
-
-    def __enter__(self) -> Any:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"Lease({self.name!r}, held={self.held})"
 
 
 class ModelCache:
@@ -222,11 +177,23 @@ class ModelCache:
             lease.release()
 
     def _acquire(self, name: str, timeout: Optional[float], *, lease: bool,
-                 target: Tier = Tier.DEVICE, allow_host: bool = False) -> Tuple[Entry, Any, bool]:
-        """Bring ``name`` up to ``target``; with ``lease``, hold it there and return the model, and
-        whether it was a hit."""
+                 target: Tier = Tier.DEVICE, allow_host: bool = False) -> Tuple[Entry, Any, bool, bool]:
+        """Bring ``name`` up to ``target``; with ``lease``, hold it there and return the model,
+        whether it was a hit and whether it waited for room."""
         deadline = make_deadline(timeout)
         missed = False
+        ticket: List[object] = []                   # [its place in line] once this request waits for room
+        try:
+            entry, model, hit = self._acquire_loop(name, deadline, timeout, lease, target, allow_host, missed, ticket)
+            return entry, model, hit, bool(ticket)
+        finally:
+            if ticket:
+                with self._cond:
+                    if self._ledger.leave_line(ticket[0]):
+                        self._cond.notify_all()
+
+    def _acquire_loop(self, name: str, deadline: Optional[float], timeout: Optional[float], lease: bool,
+                      target: Tier, allow_host: bool, missed: bool, ticket: List[object]) -> Tuple[Entry, Any, bool]:
         while True:
             with self._cond:
                 entry = self._get(name)
@@ -254,7 +221,7 @@ class ModelCache:
                 if moving is not None:                                      # someone else is moving it
                     up = entry.moving_to is not None and entry.moving_to < entry.tier
                 elif entry.tier is Tier.HOST:                               # host -> device: make room
-                    reservation = self._plan_swap_in(entry, deadline, timeout)
+                    reservation = self._plan_swap_in(entry, deadline, timeout, ticket)
                     if reservation is None:
                         continue                                            # waited for room; look again
                 else:                                                       # disk/unloaded -> host
@@ -309,21 +276,28 @@ class ModelCache:
             if up:
                 raise
 
-    def _plan_swap_in(self, entry: Entry, deadline: Optional[float],
-                      timeout: Optional[float]) -> Optional[Reservation]:
+    def _plan_swap_in(self, entry: Entry, deadline: Optional[float], timeout: Optional[float],
+                      ticket: List[object]) -> Optional[Reservation]:
         """Lock held: reserve device room for ``entry`` and pick victims, or wait (lock released
-        meanwhile) and return None. Raises ModelTooLargeError / DeviceBusyError."""
+        meanwhile) and return None. While older requests wait for room, this one lines up behind
+        them. Raises ModelTooLargeError / DeviceBusyError."""
+        ledger = self._ledger
         need = entry.need() or 0
-        self._ledger.check_fits(entry.name, need)
+        ledger.check_fits(entry.name, need)
         victims = None
-        if self.max_swap_ins is None or len(self._ledger.reservations) < self.max_swap_ins:
-            victims = self._ledger.choose_victims(need, entry, self.monitor.free_bytes())
-        if victims is None:                         # no room yet, or no swap-in slot
+        place = ticket[0] if ticket else None
+        if ledger.first_in_line(place) and (self.max_swap_ins is None
+                                             or len(ledger.reservations) < self.max_swap_ins):
+            victims = ledger.choose_victims(need, entry, self.monitor.free_bytes())
+        if victims is None:                         # no room yet, no swap-in slot, or older requests first
+            if not ticket:
+                ticket.append(object())
+            ahead = ledger.wait_in_line(ticket[0])
             remaining = time_left(deadline)
             if remaining is not None and remaining <= 0:
                 self._record.incr("errors.busy")
-                reason = self._ledger.busy_reason(need, timeout, self.monitor.free_bytes(), self.max_swap_ins)
-                raise DeviceBusyError(reason, model=entry.name)
+                raise DeviceBusyError(ledger.busy_reason(need, timeout, self.monitor.free_bytes(),
+                                                         self.max_swap_ins, ahead), model=entry.name)
             self._record.incr("waits.room")
             self._waiting += 1
             try:  # woken by a release or a finished move; re-read the monitor at least every 50 ms
@@ -331,9 +305,11 @@ class ModelCache:
             finally:
                 self._waiting -= 1
             return None
-        reservation = self._ledger.reserve_room(entry, need, victims)
+        if place is not None and ledger.leave_line(place):
+            self._cond.notify_all()                 # the next in line may look for room now
+        reservation = ledger.reserve_room(entry, need, victims)
         for victim in victims:
-            self._moves.begin_locked(victim, self._ledger.eviction_target(victim))
+            self._moves.begin_locked(victim, ledger.eviction_target(victim))
         self._moves.begin_locked(entry, Tier.DEVICE)
         return reservation
 
@@ -489,7 +465,8 @@ class ModelCache:
         with self._cond:
             entries, backends = list(self._entries.values()), list(self._backends.values())
             out = cache_stats(self._record, entries, self._hits, self._misses, self._ledger.accounted_bytes())
-        out.update({"device.budget_bytes": self.device_budget_bytes, "device.reserve_bytes": self.reserve_bytes,
+        out.update({"device.working_bytes": self.monitor.memory.working_bytes(),
+                    "device.budget_bytes": self.device_budget_bytes, "device.reserve_bytes": self.reserve_bytes,
                     "device.total_bytes": reading.total_bytes, "device.free_bytes": reading.free_bytes,
                     "device.used_bytes": reading.used_bytes, "host.budget_bytes": self.host_budget_bytes})
         if reading.process_bytes is not None:

@@ -8,9 +8,9 @@ victims still hold)``, so two swap-ins never spend the same room.
 """
 from __future__ import annotations
 
-import dataclasses
+import collections
 from concurrent.futures import Future
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .backends import Backend, Handle
 from .errors import ModelTooLargeError
@@ -64,12 +64,12 @@ class Entry:
             return 0
         return self.handle.parked_device_bytes()
 
-    @property
-    def unpark_frees(self) -> int:
-        """Device bytes unparking would free (parked bytes may be shared with other models)."""
-        if self.handle is None or self.tier is not Tier.HOST:
-            return 0
-        return self.handle.unpark_frees_bytes()
+    def shared_device(self) -> Optional[Tuple[Any, int]]:
+        """``(key, bytes)`` of device memory kept for fast swap-ins and shared with the models of
+        the same key, on the device or parked (see ``Handle.shared_device``)."""
+        if self.handle is None or self.tier not in (Tier.DEVICE, Tier.HOST):
+            return None
+        return self.handle.shared_device()
 
     @property
     def freed_by_eviction(self) -> int:
@@ -130,11 +130,14 @@ class Ledger:
         self.disk = disk                 # a disk tier exists
         self.entries: Dict[str, Entry] = {}
         self.reservations: List[Reservation] = []
+        #: swap-ins waiting for room, oldest first: while any waits, newer ones line up behind it
+        #: (docs/design.md, "Fairness")
+        self.waiting: Deque[object] = collections.deque()
 
     # accounting ----------------------------------------------------------------------------
     def accounted_bytes(self) -> int:
-        """Device bytes the cache answers for: residents, what parked models keep on the device,
-        and rooms promised to swap-ins."""
+        """Device bytes the cache answers for: residents (with the working memory of their runs),
+        what parked models keep on the device, and rooms promised to swap-ins."""
         total = sum(e.device_bytes if e.tier is Tier.DEVICE else e.parked_bytes for e in self.entries.values()
                     if e.evicting_for is None)
         return total + sum(r.claim() for r in self.reservations)
@@ -162,6 +165,25 @@ class Ledger:
     def release_room(self, reservation: Reservation) -> None:
         self.reservations.remove(reservation)
 
+    # the queue for room -------------------------------------------------------------------
+    def first_in_line(self, ticket: Optional[object]) -> bool:
+        """Whether a swap-in may look for room now: nobody waits, or it has waited longest."""
+        return not self.waiting or self.waiting[0] is ticket
+
+    def wait_in_line(self, ticket: object) -> int:
+        """Line ``ticket`` up (once); returns how many wait ahead of it."""
+        if ticket not in self.waiting:
+            self.waiting.append(ticket)
+        return self.waiting.index(ticket)
+
+    def leave_line(self, ticket: object) -> bool:
+        """Take ``ticket`` out of the line; True if it was in it."""
+        try:
+            self.waiting.remove(ticket)
+            return True
+        except ValueError:
+            return False
+
     # victims -------------------------------------------------------------------------------
     def choose_victims(self, need: int, exclude: Optional[Entry], free_bytes: int) -> Optional[List[Entry]]:
         """The victims that make room for ``need`` more device bytes, in policy order, such that
@@ -178,42 +200,59 @@ class Ledger:
         return victims
 
     def pick_victims(self, need: int, exclude: Optional[Entry], free_bytes: int) -> Tuple[List[Entry], bool]:
-        """Victims in ranked order until ``need`` more bytes fit both the budget and the reserve,
-        and whether they suffice. A model ranked again for an unpark after its eviction is marked
-        ``unpark_after`` instead of listed twice."""
+        """Victims until ``need`` more bytes fit both the budget and the reserve, and whether they
+        suffice: resident models in policy order first (evicted), then device memory kept for
+        fast swap-ins (a shared session), freed as a whole: every model holding it goes to the
+        host and is unparked (``unpark_after`` marks resident ones)."""
         over_budget = self.accounted_bytes() + need - self.device_budget
         pending = sum(r.need for r in self.reservations)
         short_free = self.reserve - (free_bytes - pending - need)
         victims: List[Entry] = []
         freed = 0
-        for candidate, unpark in self.ranked_victims(exclude):
+        for candidate in self.policy.rank(self.evictable(exclude)):
+            if freed >= over_budget and freed >= short_free:
+                return victims, True
+            victims.append(self.entries[candidate.name])
+            freed += candidate.nbytes
+        for nbytes, members in self.droppable_shared(exclude):
             if freed >= over_budget and freed >= short_free:
                 break
-            victim = self.entries[candidate.name]
-            if unpark and victim in victims:
-                victim.unpark_after = True      # evicted and its kept bytes freed too
-            else:
-                victims.append(victim)
-            freed += candidate.nbytes
+            for member in members:
+                if member.tier is Tier.DEVICE and member not in victims:
+                    victims.append(member)
+                    freed += member.freed_by_eviction
+                elif member not in victims:
+                    victims.append(member)          # parked: moved to the host tier, i.e. unparked
+                member.unpark_after = member.tier is Tier.DEVICE
+            freed += nbytes
         return victims, freed >= over_budget and freed >= short_free
 
     def evictable(self, exclude: Optional[Entry] = None) -> List[Candidate]:
         return [e.candidate(e.freed_by_eviction) for e in self.entries.values()
                 if e.tier is Tier.DEVICE and e.idle() and not e.pinned and e is not exclude]
 
-    def ranked_victims(self, exclude: Optional[Entry] = None) -> List[Tuple[Candidate, bool]]:
-        """(candidate, unpark) pairs: resident models in policy order (evict); then parked models
-        that keep device bytes (unpark: their backend drops e.g. a session kept for fast
-        swap-ins); then, once more, resident models whose eviction would keep such bytes (evict
-        and unpark). ``candidate.nbytes`` is what each step frees."""
-        evictable = self.evictable(exclude)
-        parked = [e.candidate(e.unpark_frees) for e in self.entries.values()
-                  if e.tier is Tier.HOST and e.idle() and e is not exclude and e.unpark_frees > 0]
-        kept = [dataclasses.replace(c, nbytes=self.entries[c.name].handle.unpark_frees_bytes())  # type: ignore[union-attr]
-                for c in evictable]
-        rank = self.policy.rank
-        return ([(c, False) for c in rank(evictable)] + [(c, True) for c in rank(parked)]
-                + [(c, True) for c in rank([c for c in kept if c.nbytes > 0])])
+    def droppable_shared(self, exclude: Optional[Entry] = None) -> List[Tuple[int, List[Entry]]]:
+        """Device memory kept for fast swap-ins that can be freed now, ``(bytes, the models holding
+        it)``, least valuable first (policy order of its most valuable holder): held only by idle,
+        unpinned models, and not what ``exclude``'s swap-in or one in flight will use."""
+        held: Dict[Any, Tuple[int, List[Entry]]] = {}
+        for e in self.entries.values():
+            shared = e.shared_device()
+            if shared is not None:
+                key, nbytes = shared
+                held.setdefault(key, (nbytes, []))[1].append(e)
+        needed = {r.entry.handle.shared_key() for r in self.reservations if r.entry.handle is not None}
+        if exclude is not None and exclude.handle is not None:
+            needed.add(exclude.handle.shared_key())
+        droppable = {key: (nbytes, members) for key, (nbytes, members) in held.items()
+                     if nbytes > 0 and key not in needed
+                     and all(m.idle() and not m.pinned and m is not exclude for m in members)}
+        if not droppable:
+            return []
+        best = {key: max(members, key=lambda m: m.tick) for key, (_, members) in droppable.items()}
+        by_name = {best[key].name: key for key in droppable}
+        ranked = self.policy.rank([best[key].candidate(droppable[key][0]) for key in droppable])
+        return [droppable[by_name[c.name]] for c in ranked]
 
     def eviction_target(self, entry: Entry) -> Tier:
         """Host (for a parked model: stay there, unparked), unless the model alone is larger than
@@ -244,9 +283,13 @@ class Ledger:
             over -= candidate.nbytes
         return victims
 
-    def busy_reason(self, need: int, timeout: Optional[float], free_bytes: int, max_swap_ins: Optional[int]) -> str:
+    def busy_reason(self, need: int, timeout: Optional[float], free_bytes: int, max_swap_ins: Optional[int],
+                    ahead: int = 0) -> str:
         """Why no room was found, for :class:`DeviceBusyError`."""
         leased = sorted(e.name for e in self.entries.values() if e.tier is Tier.DEVICE and e.leases)
+        if ahead:
+            return (f"no room for {need} B on the device after {timeout} s: {ahead} older request(s) still "
+                    f"wait for room ahead of it; leased: {leased or 'none'}")
         if max_swap_ins is not None and len(self.reservations) >= max_swap_ins:
             return (f"no swap-in slot after {timeout} s: {len(self.reservations)} swap-ins in flight, "
                     f"max_swap_ins={max_swap_ins}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, Hashable, Optional, Tuple
 
 from ..errors import ConfigError
 from ..devices.base import DeviceMemory, DeviceMonitor
@@ -50,6 +50,21 @@ class Handle:
     def kept_after_eviction(self) -> int:
         """Of ``device_bytes``, what a move to the host tier would keep on the device."""
         return 0
+
+    def shared_device(self) -> Optional[Tuple[Hashable, int]]:
+        """``(key, bytes)`` of device memory this model keeps for fast swap-ins, shared with the
+        other models of the same key (e.g. an ONNX Runtime session of one architecture), or None.
+        It is freed once every model holding it is off the device and unparked. By default the
+        model's own: what :meth:`unpark_frees_bytes` (parked) or :meth:`kept_after_eviction`
+        (resident) says, under a key of its own."""
+        nbytes = self.unpark_frees_bytes() if self.tier is Tier.HOST else self.kept_after_eviction()
+        return (("own", id(self)), nbytes) if nbytes > 0 else None
+
+    def shared_key(self) -> Optional[Hashable]:
+        """The key of the shared device memory this model's next swap-in will use (and counted on
+        when it was planned), or None: such memory must not be freed while the swap-in is on its way."""
+        shared = self.shared_device()
+        return shared[0] if shared is not None else None
 
     def details(self) -> Dict[str, Any]:
         """Backend-specific facts for ``EntryInfo.details``."""

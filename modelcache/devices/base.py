@@ -11,13 +11,14 @@ A monitor gives its device's operations as :attr:`DeviceMonitor.memory`.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 from .host import HostPool
 
@@ -225,6 +226,44 @@ class DeviceMemory(ABC):
     #: device bytes a runtime session costs besides its weights, for planning before one was
     #: measured (0: unknown)
     session_overhead_bytes: int = 0
+
+    #: planning figure for the working memory of one run (activations, workspaces) where none
+    #: was measured
+    run_overhead_bytes: int = 0
+
+    def __init__(self) -> None:
+        self._working_lock = threading.Lock()
+        self._working: Dict[Any, List[Any]] = {}      # key -> [runs in flight, bytes, booking]
+
+    @contextlib.contextmanager
+    def working(self, nbytes: int, key: Any) -> Iterator[None]:
+        """Count ``nbytes`` of runtime working memory (a run's activations and workspaces) while the
+        block runs, once per ``key`` however many runs of it are in flight (runs of one runtime
+        session take turns on its runner). A simulated device books it meanwhile."""
+        with self._working_lock:
+            held = self._working.get(key)
+            if held is None:
+                booking = self._book_working(nbytes)     # may raise DeviceOutOfMemoryError
+                held = self._working[key] = [0, nbytes, booking]
+            held[0] += 1
+        try:
+            yield
+        finally:
+            with self._working_lock:
+                held[0] -= 1
+                if held[0] == 0:
+                    del self._working[key]
+                    if held[2] is not None:
+                        held[2].free()
+
+    def working_bytes(self) -> int:
+        """Device bytes of working memory held by runs in flight (see :meth:`working`)."""
+        with self._working_lock:
+            return sum(held[1] for held in self._working.values())
+
+    def _book_working(self, nbytes: int) -> Any:
+        """Book ``nbytes`` of working memory (None: the runtime's own allocation shows already)."""
+        return None
 
     @abstractmethod
     def allocate(self, nbytes: int, owner: str = "") -> Buffer:

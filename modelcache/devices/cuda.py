@@ -229,6 +229,9 @@ class CudaMemory(DeviceMemory):
     the monitor's per-process reading (NVML)."""
 
     kind = "cuda"
+    #: planning figure for a runtime session not yet measured (an ONNX Runtime session measured
+    #: 16-56 MiB parked on the H100, the plain session a first swap-in checks against more)
+    session_overhead_bytes = 128 << 20
 
     def __init__(self, monitor: Any) -> None:
         # runtimes make cuBLAS handles per session, and cuBLAS gives each a workspace: with its
@@ -236,6 +239,7 @@ class CudaMemory(DeviceMemory):
         # ~20 MiB. cuBLAS reads this when the process first uses it: set your own value before
         # that to choose another (docs/onnxruntime.md)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        super().__init__()
         self.monitor = monitor
         self.index = int(monitor.device)
         self.torch_device = f"cuda:{self.index}"

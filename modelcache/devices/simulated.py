@@ -49,7 +49,8 @@ class SimulatedDevice(DeviceMonitor):
     simulated = True
 
     def __init__(self, total: Size = "16GiB", *, device: int = 0, name: str = "SimulatedDevice",
-                 session_overhead: Size = 0, link_bytes_per_s: Optional[float] = None) -> None:
+                 session_overhead: Size = 0, link_bytes_per_s: Optional[float] = None,
+                 run_overhead: Size = 0) -> None:
         self._total = parse_size(total, what="SimulatedDevice total")
         #: host->device bandwidth that :meth:`copy` takes time from (None: copies are free);
         #: concurrent copies share it equally, as copies over one PCIe link do
@@ -59,6 +60,8 @@ class SimulatedDevice(DeviceMonitor):
         #: device bytes a runtime session costs besides its weights (ONNX Runtime's CUDA provider:
         #: about 200 MiB on an H100); backends allocate it for each device session they create
         self.session_overhead_bytes = parse_size(session_overhead, what="session_overhead")
+        #: device bytes a run takes while it runs (activations, workspaces)
+        self.run_overhead_bytes = parse_size(run_overhead, what="run_overhead")
         self.device = device
         self.name = name
         self._lock = threading.Lock()
@@ -183,8 +186,10 @@ class SimulatedMemory(DeviceMemory):
     torch_device = "cpu"
 
     def __init__(self, device: SimulatedDevice) -> None:
+        super().__init__()
         self.device = device
         self.index = 0
+
 
     def allocate(self, nbytes: int, owner: str = "") -> SimulatedBuffer:
         return SimulatedBuffer(self.device.allocate(nbytes, owner=owner), nbytes)
@@ -219,3 +224,10 @@ class SimulatedMemory(DeviceMemory):
     @property
     def session_overhead_bytes(self) -> int:
         return self.device.session_overhead_bytes
+
+    @property
+    def run_overhead_bytes(self) -> int:
+        return self.device.run_overhead_bytes
+
+    def _book_working(self, nbytes: int) -> SimulatedAllocation:
+        return self.device.allocate(nbytes, owner="working memory")

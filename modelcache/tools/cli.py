@@ -14,9 +14,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="modelcache", description="Hold more models than fit on the GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="a stress run of about a minute on generated models (the README's main job)")
+    demo = sub.add_parser("demo", help="a stress run of a minute or two on generated models (the README's main job)")
     demo.add_argument("--out", default="modelcache-demo", help="folder for results.json, plot.png and the models")
-    demo.add_argument("--requests", type=int, default=12000)
+    demo.add_argument("--requests", type=int, default=6000, help="requests modelcache serves (default 6000; the baselines a sixth)")
     demo.add_argument("--simulate", action="store_true", help="a simulated device even where a GPU is present")
 
     stress = sub.add_parser("stress", help="the same trace through modelcache (each policy) and the baselines")
@@ -25,6 +25,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     stress.add_argument("--max-size", default="1GiB", help="sizes spread log-uniformly; equal to --min-size: fixed")
     stress.add_argument("--layers", type=int, default=4)
     stress.add_argument("--model-files", nargs="*", default=(), help="your own .onnx files instead")
+    stress.add_argument("--families", type=int, default=0,
+                        help="this many generated models of several architectures (CPU builders) instead")
+    stress.add_argument("--zoo", help="the models benchmarks/zoo.py exported into this folder instead")
+    stress.add_argument("--budget-of-weights", type=float,
+                        help="the budget as a fraction of all models' weights (e.g. 0.45), instead of --budget")
+    stress.add_argument("--no-prepare", action="store_true",
+                        help="modelcache: leave each model's first swap-in (its check) to the timed run")
     stress.add_argument("--workload", default="zipf", help="zipf, uniform, or a trace file (a model name a line)")
     stress.add_argument("--zipf-s", type=float, default=1.1)
     stress.add_argument("--requests", type=int, default=10000)
@@ -88,7 +95,9 @@ def _stress(args: argparse.Namespace) -> int:
     from .stress import StressConfig, failed, run_stress, save_json
     from .stress.report import emit, plot
     config = StressConfig(models=args.models, min_size=args.min_size, max_size=args.max_size, layers=args.layers,
-                          model_files=args.model_files, workload=args.workload, zipf_s=args.zipf_s,
+                          model_files=args.model_files, families=args.families, zoo=args.zoo,
+                          budget_of_weights=args.budget_of_weights, prepare=not args.no_prepare,
+                          workload=args.workload, zipf_s=args.zipf_s,
                           requests=args.requests, threads=args.threads, budget=args.budget, reserve=args.reserve,
                           policies=[p for p in args.policies.split(",") if p],
                           baselines=[b for b in args.baselines.split(",") if b],

@@ -85,8 +85,9 @@ def test_parked_bytes_are_unparked_after_evictions():
     add(ledger, "parked", mc.Tier.HOST, 100, tick=0, kept=200)
     add(ledger, "resident", mc.Tier.DEVICE, 300, tick=1)
     assert ledger.accounted_bytes() == 500
-    ranked = [(c.name, unpark, c.nbytes) for c, unpark in ledger.ranked_victims()]
-    assert ranked == [("resident", False, 300), ("parked", True, 200)]
+    assert [c.name for c in ledger.evictable()] == ["resident"]
+    assert [(nbytes, [m.name for m in members]) for nbytes, members in ledger.droppable_shared()] == \
+        [(200, ["parked"])]
     victims = ledger.choose_victims(500, None, free_bytes=2000)
     assert {v.name for v in victims} == {"resident", "parked"}
 

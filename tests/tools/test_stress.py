@@ -57,7 +57,7 @@ def test_generated_models_are_reused_and_references_match(tmp_path):
     assert 64 << 10 <= min(s.nbytes for s in specs) * 1.5 and max(s.nbytes for s in specs) <= (1 << 20) * 1.5
     import onnxruntime as ort
     for spec in specs:
-        out = ort.InferenceSession(spec.path, providers=["CPUExecutionProvider"]).run(None, {"x": spec.x})[0]
+        out = ort.InferenceSession(spec.path, providers=["CPUExecutionProvider"]).run(None, spec.feed)[0]
         assert stress.output_ok(out, spec.reference)
         assert not stress.output_ok(out * 1.5, spec.reference)
 
@@ -114,7 +114,7 @@ def test_baselines_count_waiting_for_a_load_as_a_miss(monkeypatch, kind):
 
     monkeypatch.setattr(contender, "_create", create)
     x = np.ones((1, 4), np.float32)
-    spec = stress.ModelSpec("a", "unused.onnx", 16, x, x)
+    spec = stress.ModelSpec("a", "unused.onnx", 16, {"x": x}, x)
     hits = []
     threads = [threading.Thread(target=lambda: hits.append(contender.serve(spec)[1])) for _ in range(2)]
     for t in threads:
@@ -134,7 +134,7 @@ def test_baselines_free_their_device_memory_when_closed(tmp_path):
         device = mc.SimulatedDevice("64MiB")
         contender = make(device)
         for spec in specs:
-            out, _ = contender.serve(spec)
+            out, _, _ = contender.serve(spec)
             assert stress.output_ok(out, spec.reference) and not stress.output_ok(out, np.zeros_like(out) + 1)
         assert device.process_bytes() > 0
         contender.close()

@@ -46,7 +46,7 @@ from .weights_mode import WeightsMode
 
 _OPTIONS = {"mode", "weights_threshold", "host_session", "verify", "optimize", "sample_input", "provider_options",
             "session_options", "rtol", "atol", "size_hint", "shared_arena", "shrink_arena", "share_session",
-            "share_threshold"}
+            "share_threshold", "share_sizes"}
 
 
 class OnnxRuntimeBackend(Backend):

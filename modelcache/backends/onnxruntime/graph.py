@@ -174,12 +174,14 @@ def externalize(name: str, proto: Any, threshold: int, get_block: Callable[[int]
         raise
 
 
-def as_inputs(proto: Any, weights: Sequence[Weight], generic: bool = False) -> bytes:
+def as_inputs(proto: Any, weights: Sequence[Weight], generic: bool = False, any_size: bool = False) -> bytes:
     """The graph with the given initializers turned into graph inputs. With ``generic``, also
     without what differs between fine-tunes of one architecture but does not change what it
     computes (the graph's name and doc strings), so such models serialize to the same bytes and
-    can share one session. Shapes stay as declared: ONNX Runtime plans memory statically for
-    them (symbolic shapes made every run slower)."""
+    can share one session. Shapes stay as declared (ONNX Runtime plans memory statically for
+    them), unless ``any_size``: then every dimension of the graph's inputs and outputs becomes
+    symbolic and intermediate shapes go, so models of one topology at several sizes share one
+    session too, at some cost to every run."""
     onnx = onnx_module()
     names = {w.name for w in weights}
     kept = [init for init in proto.graph.initializer if init.name not in names]
@@ -191,13 +193,21 @@ def as_inputs(proto: Any, weights: Sequence[Weight], generic: bool = False) -> b
             continue
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(w.dtype))
         proto.graph.input.append(onnx.helper.make_tensor_value_info(w.name, elem, list(w.shape)))
-    if generic:
+    if generic or any_size:
         graph = proto.graph
         for value in list(graph.input) + list(graph.output) + list(graph.value_info):
             value.doc_string = ""
         graph.name, graph.doc_string, proto.doc_string = "modelcache", "", ""
         for node in graph.node:
             node.doc_string = ""
+    if any_size:
+        graph = proto.graph
+        for value in list(graph.input) + list(graph.output):
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                    dim.Clear()
+                    dim.dim_param = f"{value.name}:{axis}"
+        del graph.value_info[:]
     return proto.SerializeToString()
 
 

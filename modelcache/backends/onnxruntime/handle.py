@@ -84,11 +84,15 @@ class OrtHandle(Handle):
     def parked_device_bytes(self) -> int:
         return self.ops.shared_bytes(self) if self.tier is Tier.HOST else 0
 
-    def unpark_frees_bytes(self) -> int:
-        return self.ops.unpark_frees(self)
-
     def kept_after_eviction(self) -> int:
-        return self.ops.shared_bytes(self)
+        return self.ops.kept_bytes(self)
+
+    def shared_device(self) -> Optional[Tuple[Any, int]]:
+        group = self.group
+        return (group.key, group.nbytes) if group is not None and group.session is not None else None
+
+    def shared_key(self) -> Optional[Any]:
+        return self.group_key or None
 
     def details(self) -> Dict[str, Any]:
         return {"mode": self.mode, "mode_reason": self.mode_reason, "weights": len(self.weights),
@@ -147,14 +151,15 @@ class Mode:
         """Device bytes shared with other models that this handle carries in the accounting."""
         return 0
 
+    def kept_bytes(self, handle: OrtHandle) -> int:
+        """Of those, what stays on the device when the model leaves it."""
+        return 0
+
     def estimated_device_bytes(self, handle: OrtHandle) -> int:
         raise NotImplementedError
 
     def estimated_host_bytes(self, handle: OrtHandle) -> int:
         raise NotImplementedError
-
-    def unpark_frees(self, handle: OrtHandle) -> int:
-        return 0
 
     def details(self, handle: OrtHandle) -> Dict[str, Any]:
         return {}

@@ -56,7 +56,8 @@ class OrtModel:
     def __init__(self, name: str, session: Any, weights: Sequence[Weight], device: Optional[Tuple[str, int]],
                  weight_base: Any, input_names: List[str], output_names: List[str], run_options: Any = None,
                  runner: Optional[Runner] = None, gate: Any = None,
-                 signature: Optional[Tuple[List[Any], List[Any]]] = None) -> None:
+                 signature: Optional[Tuple[List[Any], List[Any]]] = None,
+                 working: Optional[Tuple[Any, int, Any]] = None) -> None:
         self.name = name
         self._signature = signature      # the original model's inputs and outputs (a shared graph's are generic)
         self._gate = gate
@@ -73,6 +74,7 @@ class OrtModel:
         self._specs: Dict[str, InputSpec] = {i.name: InputSpec(i) for i in declared}
         self._required = {i.name for i in session.get_inputs() if i.name in set(input_names)}
         self._bindings: List[Any] = []   # free bindings with the weights bound (a pool: one per run in flight)
+        self._working = working          # (DeviceMemory, bytes a run takes, key): counted while a run holds it
         self._lock = threading.Lock()
         self.valid = True
 
@@ -161,7 +163,11 @@ class OrtModel:
 
     def _gated(self, fn: Any, *args: Any) -> Any:
         with self._gate.read():   # a run's allocations never overlap a memory measurement
-            return fn(*args)
+            if self._working is None:
+                return fn(*args)
+            memory, nbytes, key = self._working
+            with memory.working(nbytes, key):
+                return fn(*args)
 
     def bind_device_input(self, binding: Any, name: str, array: Any, dtype: Any = None,
                           shape: Optional[Sequence[int]] = None) -> None:

@@ -115,13 +115,15 @@ def lift(backend: "OnnxRuntimeBackend", handle: "OrtHandle", ref: Optional[Refer
             ext, weights, block = graph.externalize(handle.name, proto, threshold, backend.pool.get,
                                                     backend.pool.put, small, ref.folder, has_weights=True)
             nbytes = weights[-1].offset + weights[-1].nbytes if weights else 0
+            any_size = share and bool(handle.options.get("share_sizes", False))
             if weights:
-                lifted = graph.as_inputs(onnx.load_from_string(ext), weights, generic=share)
+                lifted = graph.as_inputs(onnx.load_from_string(ext), weights, generic=share, any_size=any_size)
                 return Lifted(lifted, weights, block, nbytes, True, notes)
             notes["optimized_graph_unused"] = "the optimized graph has no weights above the threshold"
         except Exception as exc:     # keep the original graph: the rewrite of it is checked the same way
             notes["optimized_graph_unused"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    lifted = graph.as_inputs(onnx.load_from_string(handle.graph), handle.weights, generic=share)
+    lifted = graph.as_inputs(onnx.load_from_string(handle.graph), handle.weights, generic=share,
+                             any_size=share and bool(handle.options.get("share_sizes", False)))
     return Lifted(lifted, list(handle.weights), None, handle.weights_nbytes, False, notes)
 
 

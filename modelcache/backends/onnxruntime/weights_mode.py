@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from ...devices.host import align
+from ...tiers import Tier
 from ...errors import ModelCacheError
 from . import graph, optimize
 from .graph import InvalidModelError, group_key
@@ -46,6 +47,7 @@ class SessionGroup:
         self.members: List[OrtHandle] = []
         self.pending = 0                # swap-ins joining it right now (keeps it from being dropped)
         self.warmup_error: Optional[str] = None
+        self.working_bytes = 0          # device bytes one run takes (measured), counted while runs hold it
 
 
 class WeightsMode(Mode):
@@ -84,7 +86,7 @@ class WeightsMode(Mode):
         handle.wrapper = OrtModel(handle.name, group.session, handle.weights, (memory.kind, memory.index), buffer.ptr,
                                   handle.input_names, handle.output_names,
                                   self.backend.sessions.run_options(handle.options), group.runner, gate,
-                                  handle.signature)
+                                  handle.signature, working=(memory, group.working_bytes, group.key))
         group.runner.call(handle.wrapper.prime)     # weights bound once per residency, on the session's thread
 
     def to_host(self, handle: OrtHandle) -> None:
@@ -125,29 +127,46 @@ class WeightsMode(Mode):
 
     # accounting --------------------------------------------------------------------------------
     def shared_bytes(self, handle: OrtHandle) -> int:
-        """The group's session bytes if this handle carries them (it is the group's owner)."""
+        """What this handle carries of its group's device memory: the session's bytes if it is the
+        group's first member, and the working memory of the group's runs if it is the first of
+        them on the device (runs happen only there, one at a time per session)."""
         group = handle.group
-        members = list(group.members) if group is not None else []   # a snapshot: others may join or leave
+        if group is None:
+            return 0
+        members = list(group.members)      # a snapshot: others may join or leave
+        carried = group.nbytes if members and members[0] is handle else 0
+        resident = next((m for m in members if m.tier is Tier.DEVICE), None)
+        if resident is handle:
+            carried += group.working_bytes
+        return carried
+
+    def kept_bytes(self, handle: OrtHandle) -> int:
+        """The session stays when the model leaves the device; its runs' working memory does not."""
+        group = handle.group
+        members = list(group.members) if group is not None else []
         return group.nbytes if group is not None and members and members[0] is handle else 0
 
     def estimated_device_bytes(self, handle: OrtHandle) -> int:
+        memory = self.backend.memory
         if not handle.prepared:      # the check on the device runs the plain session too
-            return optimize.first_swap_in_bytes(handle.weights_nbytes, self._session_estimate())
-        session = self.shared_bytes(handle) if handle.group is not None else self._new_group_bytes(handle.group_key)
-        return handle.weights_nbytes + session
+            return optimize.first_swap_in_bytes(handle.weights_nbytes, self._session_estimate()) \
+                + memory.run_overhead_bytes
+        group = handle.group or self._groups.get(handle.group_key)
+        if group is None or group.session is None:
+            return handle.weights_nbytes + self._session_estimate() + memory.run_overhead_bytes
+        session = self.shared_bytes(handle) if handle.group is group else 0
+        working = 0 if any(m.tier is Tier.DEVICE for m in list(group.members)) else group.working_bytes
+        return handle.weights_nbytes + session + working
 
     def estimated_host_bytes(self, handle: OrtHandle) -> int:
         return handle.block.nbytes if handle.block is not None else align(handle.weights_nbytes)
-
-    def unpark_frees(self, handle: OrtHandle) -> int:
-        group = handle.group
-        return group.nbytes if group is not None and list(group.members) == [handle] else 0
 
     def details(self, handle: OrtHandle) -> Dict[str, Any]:
         group = handle.group
         return {"prepared": handle.prepared, "session_group": handle.group_key[:12],
                 "session_shared_by": len(group.members) if group else 0,
                 "session_device_bytes": group.nbytes if group else 0,
+                "working_bytes": group.working_bytes if group else 0,
                 "session_warmup_error": group.warmup_error if group else None}
 
     def stats(self) -> Dict[str, Any]:
@@ -305,6 +324,7 @@ class WeightsMode(Mode):
             with sessions.gate.write():   # this backend's own allocations and frees wait meanwhile
                 session, charge = memory.measure(lambda: runner.call(create),
                                                  expected_bytes=memory.session_overhead_bytes, owner=handle.name)
+                group.working_bytes = self._measure_working(group, session, handle, base, runner)
         except BaseException:
             runner.shutdown()
             raise
@@ -312,6 +332,24 @@ class WeightsMode(Mode):
         with self._lock:
             self._session_bytes_seen = max(self._session_bytes_seen, group.nbytes)
             self.sessions_created += 1
+
+    def _measure_working(self, group: SessionGroup, session: Any, handle: OrtHandle, base: int, runner: Any) -> int:
+        """Device bytes one run of the session takes (its working memory, for the sample input):
+        the arena's growth over a run after it gave back everything, then given back again.
+        Gate held. 0 where the warm-up could not run."""
+        memory, sessions = self.backend.memory, self.backend.sessions
+        feed = handle.sample_feed
+        if feed is None or group.warmup_error is not None:
+            return memory.run_overhead_bytes
+        model = OrtModel(handle.name, session, handle.weights, (memory.kind, memory.index), base,
+                         handle.input_names, handle.output_names)
+        _, work = memory.measure(lambda: runner.call(model.run, None, feed),
+                                 expected_bytes=memory.run_overhead_bytes, owner=handle.name)
+        work.free()                # counted from now on through DeviceMemory.working while runs hold it
+        shrink = sessions.device.shrinking_run_options()
+        if shrink is not None:
+            runner.call(model.run, None, feed, shrink)
+        return work.nbytes
 
     def _leave(self, handle: OrtHandle) -> None:
         """The handle stops using its group's session (unparked, demoted or released); the session

@@ -1,11 +1,13 @@
-"""The models a stress run serves: generated ONNX MLPs (with a reference output each) or the
-user's own files, and the check that a response is right."""
+"""The models a stress run serves, each with the input every request sends and the output it must
+get back: generated ONNX MLPs of one topology, generated models of several architectures (the
+CPU builders of ``tools/families.py``), the zoo of ``benchmarks/zoo.py``, or the user's own files;
+and the check that a response is right."""
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -17,8 +19,14 @@ class ModelSpec:
     name: str
     path: str
     nbytes: int                 #: weights bytes
-    x: np.ndarray               #: the input every request sends
-    reference: np.ndarray       #: the expected output
+    feed: Dict[str, np.ndarray]  #: the input every request sends
+    reference: np.ndarray       #: the expected (first) output
+    architecture: str = "mlp"
+
+    @property
+    def x(self) -> np.ndarray:
+        """The first input (generated MLPs have one, ``x``)."""
+        return next(iter(self.feed.values()))
 
 
 
@@ -85,24 +93,67 @@ def generate_models(folder: str, count: int, min_bytes: int, max_bytes: int, lay
             os.replace(tmp, path)
             np.savez(ref_path, x=x, y=h)
         ref = np.load(ref_path)
-        specs.append(ModelSpec(name, path, layers * hidden * hidden * 4, ref["x"], ref["y"]))
+        specs.append(ModelSpec(name, path, layers * hidden * hidden * 4, {"x": ref["x"]}, ref["y"], f"mlp{hidden}"))
     return specs
 
 
-def specs_from_files(paths: Sequence[str]) -> List[ModelSpec]:
-    """The user's own ONNX files: a sample input each, the reference from a CPU session."""
+def specs_from_files(paths: Sequence[str], architectures: Optional[Sequence[str]] = None,
+                     providers: Optional[List[Any]] = None) -> List[ModelSpec]:
+    """Your own ONNX files (or the zoo's): a sample input each, the reference from a plain session
+    (``providers``: default CPU). Inputs named like masks get ones, token ids small integers."""
     import onnxruntime as ort
-    from ...backends.onnxruntime.graph import sample_feed
     specs = []
-    for path in paths:
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        inputs = session.get_inputs()
-        if len(inputs) != 1:
-            raise ConfigError(f"{path}: stress models must have one input (this one has {len(inputs)})")
-        x = sample_feed(inputs)[inputs[0].name]
-        y = session.run(None, {inputs[0].name: x})[0]
+    for k, path in enumerate(paths):
+        session = ort.InferenceSession(path, providers=providers or ["CPUExecutionProvider"])
+        rng = np.random.default_rng(k)
+        feed: Dict[str, np.ndarray] = {}
+        for i in session.get_inputs():
+            shape = [d if isinstance(d, int) and d > 0 else (1 if axis == 0 else 16) for axis, d in enumerate(i.shape)]
+            if "int" in i.type:
+                feed[i.name] = np.ones(shape, np.int64) if "mask" in i.name else rng.integers(0, 1000, shape)
+            else:
+                feed[i.name] = rng.standard_normal(shape).astype(np.float32)
+        y = session.run(None, feed)[0]
         nbytes = sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.exists(p))
-        specs.append(ModelSpec(os.path.splitext(os.path.basename(path))[0], path, nbytes, x, y))
+        name = os.path.splitext(os.path.basename(path))[0]
+        arch = architectures[k] if architectures else name
+        specs.append(ModelSpec(name, path, nbytes, feed, y, arch))
+    return specs
+
+
+def zoo_specs(folder: str, providers: Optional[List[Any]] = None) -> List[ModelSpec]:
+    """The models ``benchmarks/zoo.py`` exported into ``folder`` (``NAME.onnx``, fine-tunes
+    ``NAME-ftK.onnx``): architecture = the name without the suffix."""
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".onnx"))
+    if not paths:
+        raise ConfigError(f"no .onnx files in {folder}: export the zoo first (python benchmarks/zoo.py --export-only)")
+    return specs_from_files(paths, [os.path.basename(p)[:-5].split("-ft")[0] for p in paths], providers)
+
+
+def family_specs(folder: str, count: int, seed: int = 0) -> List[ModelSpec]:
+    """``count`` generated models of distinct architectures and their fine-tunes (CPU builders of
+    ``tools/families.py``: ResNet-, BERT- and MobileNet-like at a few widths), saved under
+    ``folder`` with a reference output each."""
+    from ..families import make_bert, make_mobilenet, make_resnet, sample_input
+    from ..generate import save_model
+    import onnxruntime as ort
+    shapes = [("resnet16", lambda s: make_resnet(width=16, blocks=2, image=32, seed=s)),
+              ("bert64", lambda s: make_bert(hidden=64, layers=2, heads=4, vocab=512, seq=16, seed=s)),
+              ("mobilenet16", lambda s: make_mobilenet(width=16, blocks=2, image=32, seed=s)),
+              ("resnet24", lambda s: make_resnet(width=24, blocks=2, image=32, seed=s)),
+              ("bert128", lambda s: make_bert(hidden=128, layers=4, heads=4, vocab=2048, seq=16, seed=s)),
+              ("mobilenet32", lambda s: make_mobilenet(width=32, blocks=2, image=32, seed=s))]
+    os.makedirs(folder, exist_ok=True)
+    specs = []
+    for k in range(count):
+        arch, build = shapes[k % len(shapes)]
+        variant = k // len(shapes)
+        model = build(seed + 100 * variant)
+        path = save_model(model, os.path.join(folder, f"{arch}-ft{variant}.onnx"))
+        feed = sample_input(model, seed=k)
+        y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        nbytes = sum(int(np.prod(i.dims)) * 4 for i in model.graph.initializer if i.data_type == 1)
+        specs.append(ModelSpec(f"{arch}-ft{variant}", path, nbytes, feed, y, arch))
     return specs
 
 

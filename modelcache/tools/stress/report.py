@@ -11,15 +11,16 @@ def table(report: Dict[str, Any]) -> List[str]:
     prefix = report["baseline_requests"] < report["requests"]
     head = (f"{'contender':<17} {'requests':>8} {'hit rate':>9} " + (f"{'hit@base':>9} " if prefix else "") +
             f"{'swap-ins':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'swap-in':>8} {'req/s':>8} "
-            f"{'peak device':>12} {'OOM':>4} {'wrong':>5} {'errors':>6}")
+            f"{'peak device':>12} {'/budget':>7} {'waited':>7} {'sessions':>8} {'OOM':>4} {'wrong':>5} {'errors':>6}")
     rows = [head, "-" * len(head)]
     for name, c in report["contenders"].items():
         swap = "-" if c["median_swap_in_ms"] is None else f"{c['median_swap_in_ms']:.1f}"
         rows.append(f"{name:<17} {c['requests']:>8} {c['hit_rate']:>9.1%} " +
                     (f"{c['hit_rate_baseline_prefix']:>9.1%} " if prefix else "") +
                     f"{c['swap_ins']:>8} {c['p50_ms']:>8.2f} {c['p95_ms']:>8.2f} {c['p99_ms']:>8.2f} {swap:>8} "
-                    f"{c['throughput_rps']:>8.1f} {format_bytes(c['peak_device_bytes']):>12} {c['oom']:>4} "
-                    f"{c['wrong']:>5} {c['errors']:>6}")
+                    f"{c['throughput_rps']:>8.1f} {format_bytes(c['peak_device_bytes']):>12} "
+                    f"{c.get('peak_over_budget') or 0:>7.2f} {c.get('waited_share', 0):>7.1%} "
+                    f"{c.get('sessions_created', '-'):>8} {c['oom']:>4} {c['wrong']:>5} {c['errors']:>6}")
     b = report["belady"]
     rows.append(f"{'belady (offline)':<17} {report['requests']:>8} {b['hit_rate']:>9.1%} " +
                 (f"{b['hit_rate_baseline_prefix']:>9.1%} " if prefix else ""))
@@ -31,6 +32,9 @@ def table(report: Dict[str, Any]) -> List[str]:
                 rows.append(f"  {name} served only the first {c['requests']} (its hit@base is on those)")
     rows.append("swap-in: median ms per model load onto the device (modelcache: backend swap-in; baselines: "
                 "session creation)")
+    rows.append(f"/budget: peak device bytes (a reading every 10 ms) over the budget; waited: requests that waited "
+                f"for room; sessions: sessions created during the run ({report.get('architectures', '?')} "
+                f"architecture(s); lru-count and naive create one per load)")
     for name, c in report["contenders"].items():
         if c["first_error"]:
             rows.append(f"{name}: first failure: {c['first_error']}")

@@ -35,7 +35,7 @@ from ...devices import DeviceMonitor, NvmlMonitor, SimulatedDevice
 from ...errors import ConfigError, DeviceOutOfMemoryError, ModelCacheError
 from ...sizes import Size, format_bytes, parse_size
 from .contenders import Contender, LruCountContender, ModelCacheContender, NaiveContender
-from .models import ModelSpec, generate_models, output_ok, specs_from_files
+from .models import ModelSpec, family_specs, generate_models, output_ok, specs_from_files, zoo_specs
 from .workload import belady_hits, make_trace, read_trace
 
 
@@ -46,6 +46,10 @@ class StressConfig:
     max_size: Size = "48MiB"
     layers: int = 4
     model_files: Sequence[str] = ()
+    families: int = 0               #: this many generated models of several architectures (CPU builders)
+    zoo: Optional[str] = None       #: a folder of models exported by benchmarks/zoo.py
+    budget_of_weights: Optional[float] = None   #: the budget as a fraction of all models' weights
+    prepare: bool = True            #: modelcache: each model's first swap-in happens before the run
     workload: str = "zipf"          #: "zipf", "uniform", or a trace file path
     zipf_s: float = 1.1
     requests: int = 2000
@@ -78,6 +82,10 @@ class Result:
     errors: int = 0
     first_error: Optional[str] = None
     peak_device_bytes: int = 0
+    budget_bytes: int = 0
+    samples: int = 0                 #: device readings taken (every 10 ms)
+    samples_over_budget: int = 0     #: readings above the budget
+    waited: int = 0                  #: requests that waited for room
     median_swap_in_s: Optional[float] = None
     latencies: List[float] = field(default_factory=list)
     hit_flags: List[bool] = field(default_factory=list)
@@ -92,6 +100,9 @@ class Result:
             "hit_rate": self.hits / self.requests if self.requests else 0.0, "swap_ins": self.swap_ins,
             "p50_ms": float(np.percentile(lat, 50) * 1e3), "p95_ms": float(np.percentile(lat, 95) * 1e3),
             "p99_ms": float(np.percentile(lat, 99) * 1e3), "peak_device_bytes": self.peak_device_bytes,
+            "peak_over_budget": self.peak_device_bytes / self.budget_bytes if self.budget_bytes else None,
+            "samples": self.samples, "samples_over_budget": self.samples_over_budget,
+            "waited_share": self.waited / self.requests if self.requests else 0.0,
             "oom": self.oom, "wrong": self.wrong, "errors": self.errors, "first_error": self.first_error,
             "median_swap_in_ms": None if self.median_swap_in_s is None else self.median_swap_in_s * 1e3,
         }
@@ -107,11 +118,12 @@ class Result:
 
 # ----------------------------------------------------------------------------- running
 def run_contender(contender: Contender, trace: Sequence[str], specs: Dict[str, ModelSpec], threads: int,
-                  progress: Optional[Callable[[str, int, int], None]] = None) -> Result:
-    result = Result(contender.name)
+                  progress: Optional[Callable[[str, int, int], None]] = None, budget: int = 0) -> Result:
+    result = Result(contender.name, budget_bytes=budget)
     n = len(trace)
     latencies = np.full(n, np.nan)
     hits = np.zeros(n, dtype=bool)
+    waited = np.zeros(n, dtype=bool)
     counter = iter(range(n))
     counter_lock = threading.Lock()
     done = [0]
@@ -120,15 +132,23 @@ def run_contender(contender: Contender, trace: Sequence[str], specs: Dict[str, M
     start = time.perf_counter()
 
     def sampler() -> None:
-        while not stop.wait(0.05):
+        """Device bytes every 10 ms (peak and readings over the budget); tiers every 50 ms."""
+        tick = 0
+        on_device = on_host = 0
+        while not stop.wait(0.01):
             try:
                 dev = contender.device_bytes()
-                on_device, on_host = contender.tiers()
+                if tick % 5 == 0:
+                    on_device, on_host = contender.tiers()
             except Exception:
                 continue
-            result.timeline.append([time.perf_counter() - start, dev, on_device, on_host])
+            tick += 1
+            result.samples += 1
+            result.samples_over_budget += bool(budget and dev > budget)
             result.peak_device_bytes = max(result.peak_device_bytes, dev)
-            if progress:
+            if tick % 5 == 0:
+                result.timeline.append([time.perf_counter() - start, dev, on_device, on_host])
+            if progress and tick % 5 == 0:
                 progress(contender.name, done[0], n)
 
     def worker() -> None:
@@ -140,7 +160,7 @@ def run_contender(contender: Contender, trace: Sequence[str], specs: Dict[str, M
             spec = specs[trace[i]]
             t0 = time.perf_counter()
             try:
-                out, hit = contender.serve(spec)
+                out, hit, waited[i] = contender.serve(spec)
                 latencies[i] = time.perf_counter() - t0
                 hits[i] = hit
                 if not output_ok(out, spec.reference):
@@ -180,6 +200,7 @@ def run_contender(contender: Contender, trace: Sequence[str], specs: Dict[str, M
         progress(contender.name, n, n)
     result.requests = n
     result.hits = int(hits.sum())
+    result.waited = int(waited.sum())
     result.hit_flags = hits.tolist()
     result.latencies = [float(v) for v in latencies if not np.isnan(v)]
     result.swap_ins = contender.swap_ins()
@@ -212,7 +233,6 @@ class Progress:
 
 def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run every contender on one trace; returns the report (see ``report.py`` for printing)."""
-    budget = parse_size(config.budget, what="budget")
     reserve = parse_size(config.reserve, what="reserve")
     gpu_monitor: Optional[NvmlMonitor] = None
     if not config.simulate:
@@ -222,12 +242,20 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
             gpu_monitor = None
     folder = config.models_dir or os.path.join(os.path.expanduser("~/.cache/modelcache"), "stress-models")
     start = time.perf_counter()
-    if config.model_files:
-        specs = specs_from_files(config.model_files)
+    gpu_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu_monitor is not None else None
+    if config.zoo:
+        specs = zoo_specs(config.zoo, gpu_providers)
+    elif config.families:
+        specs = family_specs(folder, config.families, config.seed)
+    elif config.model_files:
+        specs = specs_from_files(config.model_files, providers=gpu_providers)
     else:
         specs = generate_models(folder, config.models, parse_size(config.min_size, what="min_size"),
                                 parse_size(config.max_size, what="max_size"), config.layers, config.seed)
     gen_s = time.perf_counter() - start
+    weights = sum(s.nbytes for s in specs)
+    budget = int(weights * config.budget_of_weights) if config.budget_of_weights else \
+        parse_size(config.budget, what="budget")
     by_name = {s.name: s for s in specs}
     names = [s.name for s in specs]
     if os.path.exists(config.workload):
@@ -245,8 +273,9 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
              else f"simulated device of {format_bytes(device_total)}" +
              (" (requested)" if config.simulate else " (no NVIDIA GPU found)"))
     log(f"modelcache stress on {where}")
-    log(f"{len(specs)} models, {format_bytes(min(s.nbytes for s in specs))}..{format_bytes(largest)} "
-        f"({format_bytes(sum(s.nbytes for s in specs))} in all; ready in {gen_s:.1f} s); budget "
+    architectures = len({s.architecture for s in specs})
+    log(f"{len(specs)} models of {architectures} architecture(s), {format_bytes(min(s.nbytes for s in specs))}.."
+        f"{format_bytes(largest)} ({format_bytes(weights)} in all; ready in {gen_s:.1f} s); budget "
         f"{format_bytes(budget)}, reserve {format_bytes(reserve)}; {len(trace)} requests ({workload}) from "
         f"{config.threads} threads; lru-count keeps {count} models (budget // largest)")
     progress = Progress(config.progress)
@@ -273,10 +302,12 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
 
     for policy in config.policies:
         setup = time.perf_counter()
-        contender = ModelCacheContender(policy, specs, monitor(), budget, reserve, config.max_swap_ins)
-        log(f"  {contender.name}: {len(specs)} models parked on the host in {time.perf_counter() - setup:.1f} s")
+        contender = ModelCacheContender(policy, specs, monitor(), budget, reserve, config.max_swap_ins,
+                                        config.prepare)
+        log(f"  {contender.name}: {len(specs)} models parked on the host"
+            f"{' and prepared on the device' if config.prepare else ''} in {time.perf_counter() - setup:.1f} s")
         try:
-            results[contender.name] = run_contender(contender, trace, by_name, config.threads, progress)
+            results[contender.name] = run_contender(contender, trace, by_name, config.threads, progress, budget)
             finished(results[contender.name])
         finally:
             contender.close()
@@ -291,7 +322,7 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
             raise ConfigError(f"baseline {baseline!r} is unknown; use lru-count or naive")
         served = trace[:config.naive_requests] if baseline == "naive" and config.naive_requests else base_trace
         try:
-            results[contender.name] = run_contender(contender, served, by_name, config.threads, progress)
+            results[contender.name] = run_contender(contender, served, by_name, config.threads, progress, budget)
             finished(results[contender.name])
         finally:
             contender.close()
@@ -300,7 +331,8 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
     report: Dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": where, "simulated": gpu_monitor is None,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
-        "models": [{"name": s.name, "bytes": s.nbytes} for s in specs], "budget_bytes": budget,
+        "models": [{"name": s.name, "bytes": s.nbytes, "architecture": s.architecture} for s in specs],
+        "architectures": architectures, "budget_bytes": budget,
         "reserve_bytes": reserve, "lru_count": count, "requests": len(trace),
         "baseline_requests": len(base_trace),
         "belady": {"hit_rate": belady_hits(trace, sizes, budget) / len(trace),
@@ -311,7 +343,8 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
         entry = res.summary()
         flags = res.hit_flags
         entry["hit_rate_baseline_prefix"] = float(np.mean(flags[:len(base_trace)])) if flags else 0.0
-        entry["timeline"] = res.timeline
+        step = max(1, -(-len(res.timeline) // 600))       # a summary: at most 600 points
+        entry["timeline"] = res.timeline[::step]
         lat = sorted(res.latencies)
         step = max(1, len(lat) // 1000)
         entry["latency_cdf_s"] = lat[::step]
