@@ -18,9 +18,9 @@ from .cache import ModelCache
 from .lease import Lease
 from .errors import (BackendError, CacheClosedError, ConfigError, CorruptFileError, DeviceBusyError,
                      DeviceOutOfMemoryError, DuplicateModelError, EngineBuildError, EngineCompatibilityError,
-                     EngineDeserializationError, LeaseTimeoutError, LoaderError, ModelInputError,
-                     ModelCacheError, ModelInUseError, ModelNotFoundError, ModelTooLargeError, MonitorError,
-                     UnsupportedModelError)
+                     EngineDeserializationError, InvalidModelError, LeaseTimeoutError, LoaderError, ModelCacheError,
+                     ModelInputError, ModelInUseError, ModelNotFoundError, ModelRunError, ModelTooLargeError,
+                     MonitorError, UnsupportedModelError)
 from .devices import DeviceMonitor, HostMonitor, MemoryReading, NvmlMonitor, SimulatedDevice
 from .policies import Candidate, CostPolicy, LFUPolicy, LRUPolicy, Policy
 from .sizes import format_bytes, parse_size
@@ -38,5 +38,6 @@ __all__ = [
     "LoaderError", "UnsupportedModelError", "BackendError", "CorruptFileError", "LeaseTimeoutError",
     "DeviceBusyError", "ModelTooLargeError", "DeviceOutOfMemoryError", "MonitorError", "CacheClosedError",
     "EngineDeserializationError", "EngineCompatibilityError", "EngineBuildError", "ModelInputError",
+    "InvalidModelError", "ModelRunError",
     "__version__",
 ]

@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple, Ty
 from . import decorators
 from ._fileio import atomic_write
 from .backends import Backend, BackendContext, Handle, backend_class, detect_backend
-from .config import resolve
+from .config import check_timeout, resolve
 from .devices import DeviceMonitor
 from .errors import (BackendError, CacheClosedError, ConfigError, DeviceBusyError, DuplicateModelError,
                      LeaseTimeoutError, LoaderError, ModelCacheError, ModelInUseError, ModelNotFoundError)
@@ -158,13 +158,15 @@ class ModelCache:
         With ``allow_host=True``, a model parked on the host whose backend can serve it there
         (e.g. an ONNX Runtime CPU session) is handed out at once, and its move to the device
         starts in the background; the lease keeps it on the host meanwhile."""
+        if timeout is not None and (type(timeout) is not float and type(timeout) is not int or timeout < 0):
+            timeout = check_timeout(timeout, name)        # raises ConfigError naming the value
         return Lease(self, name, timeout, allow_host)
 
     @contextlib.asynccontextmanager
     async def ause(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT, *,
                    allow_host: bool = False) -> AsyncIterator[Any]:
         """``async with cache.ause(name) as model``: :meth:`use` without blocking the event loop."""
-        lease = Lease(self, name, timeout, allow_host)
+        lease = self.use(name, timeout, allow_host=allow_host)
         task = asyncio.get_running_loop().run_in_executor(None, lease.acquire)
         try:
             model = await asyncio.shield(task)
@@ -180,11 +182,14 @@ class ModelCache:
                  target: Tier = Tier.DEVICE, allow_host: bool = False) -> Tuple[Entry, Any, bool, bool]:
         """Bring ``name`` up to ``target``; with ``lease``, hold it there and return the model,
         whether it was a hit and whether it waited for room."""
-        deadline = make_deadline(timeout)
-        missed = False
+        with self._cond:                                                    # resident: a hit
+            entry = self._get(name)
+            if entry.tier <= target and entry.moving is None:
+                return entry, self._hand_out(entry, lease, hit=True), True, False
         ticket: List[object] = []                   # [its place in line] once this request waits for room
         try:
-            entry, model, hit = self._acquire_loop(name, deadline, timeout, lease, target, allow_host, missed, ticket)
+            entry, model, hit = self._make_resident(name, make_deadline(timeout), timeout, lease, target,
+                                                    allow_host, ticket)
             return entry, model, hit, bool(ticket)
         finally:
             if ticket:
@@ -192,22 +197,28 @@ class ModelCache:
                     if self._ledger.leave_line(ticket[0]):
                         self._cond.notify_all()
 
-    def _acquire_loop(self, name: str, deadline: Optional[float], timeout: Optional[float], lease: bool,
-                      target: Tier, allow_host: bool, missed: bool, ticket: List[object]) -> Tuple[Entry, Any, bool]:
+    def _hand_out(self, entry: Entry, lease: bool, hit: bool) -> Any:
+        """Lock held, ``entry`` resident: with ``lease``, one more lease on it and its model."""
+        if not lease:
+            return None
+        self._grant(entry)
+        if hit:
+            entry.hits += 1
+            self._hits += 1
+        if self._policy_on_use:
+            self.policy.on_use(entry.candidate(entry.device_bytes))
+        assert entry.handle is not None and entry.backend is not None
+        return entry.backend.model(entry.handle)
+
+    def _make_resident(self, name: str, deadline: Optional[float], timeout: Optional[float], lease: bool,
+                       target: Tier, allow_host: bool, ticket: List[object]) -> Tuple[Entry, Any, bool]:
+        """The miss path: one step at a time until ``name`` is resident (lock released during each)."""
+        missed = False
         while True:
             with self._cond:
                 entry = self._get(name)
-                if entry.tier <= target and entry.moving is None:           # resident: a hit
-                    if not lease:
-                        return entry, None, not missed
-                    self._grant(entry)
-                    if not missed:
-                        entry.hits += 1
-                        self._hits += 1
-                    if self._policy_on_use:
-                        self.policy.on_use(entry.candidate(entry.device_bytes))
-                    assert entry.handle is not None and entry.backend is not None
-                    return entry, entry.backend.model(entry.handle), not missed
+                if entry.tier <= target and entry.moving is None:           # resident now
+                    return entry, self._hand_out(entry, lease, hit=not missed), not missed
                 if lease and not missed:
                     missed = True
                     entry.misses += 1
@@ -403,6 +414,7 @@ class ModelCache:
         """Bring ``name`` up to ``tier`` in the background, without holding a lease. The Future
         gives the model's :class:`EntryInfo`, or raises what a ``use()`` would have raised."""
         tier = Tier(tier)
+        check_timeout(timeout, name)
         if tier is Tier.UNLOADED:
             raise ConfigError(f"prefetch(tier={tier!r}): choose DEVICE, HOST or DISK", model=name)
         with self._cond:

@@ -2,6 +2,7 @@
 the call that received it, naming the value and what is allowed."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -34,10 +35,21 @@ def resolve(device: Optional[int], device_budget: Optional[Size], reserve: Size,
             max_swap_ins: Optional[int]) -> Settings:
     """Check ``ModelCache``'s arguments and resolve defaults (opening NVML when no monitor is given)."""
     chosen = make_policy(policy)
-    if max_swap_ins is not None and (not isinstance(max_swap_ins, int) or max_swap_ins < 1):
+    if max_swap_ins is not None and not _is_int(max_swap_ins, 1):
         raise ConfigError(f"max_swap_ins={max_swap_ins!r}; use an int >= 1, or None for no limit")
-    if prefetch_workers < 1:
-        raise ConfigError(f"prefetch_workers={prefetch_workers} must be >= 1")
+    if not _is_int(prefetch_workers, 1):
+        raise ConfigError(f"prefetch_workers={prefetch_workers!r}; use an int >= 1")
+    if device is not None and not _is_int(device, 0):
+        raise ConfigError(f"device={device!r}; use a CUDA ordinal (an int >= 0), or None for the current device")
+    if watch_interval is not None and (not _is_number(watch_interval) or watch_interval < 0):
+        raise ConfigError(f"watch_interval={watch_interval!r}; use a number of seconds > 0, or 0 or None to turn "
+                          f"the background watcher off")
+    if watch_interval is not None and 0 < watch_interval < 0.001:
+        raise ConfigError(f"watch_interval={watch_interval!r} s would keep a core busy; use at least 0.001 s")
+    if disk_dir is not None and not isinstance(disk_dir, (str, os.PathLike)):
+        raise ConfigError(f"disk_dir={disk_dir!r}; use a folder path, or None for no disk tier")
+    if monitor is not None and not isinstance(monitor, DeviceMonitor):
+        raise ConfigError(f"monitor={monitor!r}; use a DeviceMonitor (e.g. NvmlMonitor, SimulatedDevice) or None")
     owns_monitor = monitor is None
     if monitor is None:
         try:
@@ -67,10 +79,31 @@ def resolve(device: Optional[int], device_budget: Optional[Size], reserve: Size,
             host_budget_bytes = parse_size(host_budget, total=host.total_bytes(), what="host_budget")
         folder = os.fspath(disk_dir) if disk_dir is not None else None
         if folder is not None:
-            os.makedirs(folder, exist_ok=True)
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"disk_dir={folder!r} cannot be used: {exc}") from exc
     except BaseException:
         if owns_monitor:
             monitor.close()
         raise
     return Settings(chosen, monitor, owns_monitor, budget, reserve_bytes, host_budget_bytes, folder,
                     watch_interval, prefetch_workers, max_swap_ins)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_timeout(timeout: Optional[float], model: Optional[str] = None) -> Optional[float]:
+    """``timeout`` in seconds: a number >= 0, or None (wait as long as it takes)."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout != timeout or timeout < 0:
+        raise ConfigError(f"timeout={timeout!r}; use a number of seconds >= 0, or None to wait as long as it takes",
+                          model=model)
+    return None if timeout == math.inf else float(timeout)

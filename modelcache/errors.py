@@ -1,4 +1,6 @@
-"""Every error modelcache raises derives from :class:`ModelCacheError`.
+"""Every error modelcache raises derives from :class:`ModelCacheError`, and from nothing else:
+``except ModelCacheError`` catches all of them and ``except ValueError`` (or ``KeyError``,
+``TypeError``...) none. All are exported from ``modelcache``.
 
 Messages name the model (when there is one) and the cause; the model's name is also
 kept on the ``model`` attribute.
@@ -14,7 +16,10 @@ class ModelCacheError(Exception):
     def __init__(self, message: str, *, model: Optional[str] = None) -> None:
         self.model = model
         self.reason = message
-        super().__init__(f"model {model!r}: {message}" if model is not None else message)
+        super().__init__(message)
+
+    def __str__(self) -> str:       # the model may be named after the error was made (the cache adds it)
+        return f"model {self.model!r}: {self.reason}" if self.model is not None else self.reason
 
     def __reduce__(self):  # keep pickling (e.g. across processes) working with keyword args
         return (_rebuild, (type(self), self.reason, self.model))
@@ -26,15 +31,12 @@ def _rebuild(cls, reason, model):
     return err
 
 
-class ConfigError(ModelCacheError, ValueError):
+class ConfigError(ModelCacheError):
     """A bad argument: the message states the bad value and what is allowed."""
 
 
-class ModelNotFoundError(ModelCacheError, KeyError):
+class ModelNotFoundError(ModelCacheError):
     """No model is registered under that name."""
-
-    def __str__(self) -> str:  # KeyError would otherwise repr() the message
-        return self.args[0] if self.args else ""
 
 
 class DuplicateModelError(ModelCacheError):
@@ -52,7 +54,7 @@ class LoaderError(ModelCacheError):
     """
 
 
-class UnsupportedModelError(ModelCacheError, TypeError):
+class UnsupportedModelError(ModelCacheError):
     """No backend accepts what the loader returned, or the chosen backend rejects it."""
 
 
@@ -60,11 +62,19 @@ class BackendError(ModelCacheError):
     """A backend failed to move a model between tiers; ``__cause__`` holds the backend's error."""
 
 
+class InvalidModelError(UnsupportedModelError):
+    """The model is malformed, incomplete (e.g. missing external data) or refused by its runtime."""
+
+
+class ModelRunError(BackendError):
+    """The runtime failed to run the model (the message carries the runtime's own)."""
+
+
 class CorruptFileError(ModelCacheError):
     """A file on the disk tier is missing, truncated or fails its sha256 check."""
 
 
-class LeaseTimeoutError(ModelCacheError, TimeoutError):
+class LeaseTimeoutError(ModelCacheError):
     """``use()`` gave up after its timeout."""
 
 
@@ -77,11 +87,11 @@ class ModelTooLargeError(ModelCacheError):
     """The model needs more device memory than the whole budget allows; raised at once."""
 
 
-class DeviceOutOfMemoryError(ModelCacheError, MemoryError):
+class DeviceOutOfMemoryError(ModelCacheError):
     """An allocation on the device failed (on a :class:`SimulatedDevice`, or a CUDA OOM)."""
 
 
-class ModelInputError(ModelCacheError, ValueError):
+class ModelInputError(ModelCacheError):
     """A run was given inputs the model does not have, or lacks inputs it needs; the message lists
     the model's real inputs."""
 
@@ -128,6 +138,8 @@ __all__ = [
     "MonitorError",
     "CacheClosedError",
     "ModelInputError",
+    "InvalidModelError",
+    "ModelRunError",
     "EngineDeserializationError",
     "EngineCompatibilityError",
     "EngineBuildError",

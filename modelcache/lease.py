@@ -1,6 +1,9 @@
 """A lease: a model held resident on the device while it is held (``ModelCache.use``)."""
 from __future__ import annotations
 
+import logging
+import sys
+import threading
 from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import ModelCacheError
@@ -9,26 +12,44 @@ if TYPE_CHECKING:  # pragma: no cover
     from .cache import ModelCache
     from .ledger import Entry
 
+logger = logging.getLogger("modelcache")
+
 
 class Lease:
     """A model held resident on the device while the lease is held. Use as a context manager
-    (``with cache.use(name) as model``) or call :meth:`acquire` and :meth:`release`."""
+    (``with cache.use(name) as model``) or call :meth:`acquire` and :meth:`release`.
 
-    __slots__ = ("_cache", "name", "timeout", "allow_host", "_entry", "_model", "hit", "waited")
+    Thread-safe: of two threads acquiring one lease, one gets it and the other an error; a release
+    gives back what one acquire took, however often it is called. A lease garbage-collected while
+    held is released, with a warning naming the model and where it was acquired."""
+
+    __slots__ = ("_cache", "name", "timeout", "allow_host", "_entry", "_model", "hit", "waited", "_lock",
+                 "_where")
 
     def __init__(self, cache: "ModelCache", name: str, timeout: Optional[float], allow_host: bool = False) -> None:
         self._cache, self.name, self.timeout, self.allow_host = cache, name, timeout, allow_host
         self._entry: Optional[Entry] = None
         self._model: Any = None
+        self._lock = threading.Lock()
+        self._where: Any = None
         self.hit: Optional[bool] = None   #: after acquire: True if the model was already on the device
         self.waited = False               #: after acquire: True if it waited for room on the device
 
     def acquire(self) -> Any:
         """Make the model resident (waiting up to ``timeout`` seconds) and return it."""
-        if self._entry is not None:
-            raise ModelCacheError("this lease is already held; release it first", model=self.name)
-        self._entry, self._model, self.hit, self.waited = self._cache._acquire(
-            self.name, self.timeout, lease=True, allow_host=self.allow_host)
+        if not self._lock.acquire(blocking=False):
+            raise ModelCacheError("this lease is already held (or being acquired); release it first", model=self.name)
+        try:
+            entry, self._model, self.hit, self.waited = self._cache._acquire(
+                self.name, self.timeout, lease=True, allow_host=self.allow_host)
+        except BaseException:
+            self._lock.release()
+            raise
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "__enter__":
+            caller = caller.f_back or caller
+        self._where = (caller.f_code, caller.f_lineno)     # formatted only if it is ever needed
+        self._entry = entry
         return self._model
 
     def release(self) -> None:
@@ -36,6 +57,17 @@ class Lease:
         entry, self._entry, self._model = self._entry, None, None
         if entry is not None:
             self._cache._release(entry)
+            self._lock.release()
+
+    def __del__(self) -> None:
+        if getattr(self, "_entry", None) is not None:
+            code, line = self._where
+            logger.warning("modelcache: a lease on %r acquired at %s:%s was dropped without release(); releasing it",
+                           self.name, code.co_filename, line)
+            try:
+                self.release()
+            except Exception:       # the cache may be gone at interpreter exit
+                pass
 
     @property
     def held(self) -> bool:

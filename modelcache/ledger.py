@@ -287,12 +287,14 @@ class Ledger:
                     ahead: int = 0) -> str:
         """Why no room was found, for :class:`DeviceBusyError`."""
         leased = sorted(e.name for e in self.entries.values() if e.tier is Tier.DEVICE and e.leases)
+        pinned = sorted(e.name for e in self.entries.values() if e.tier is Tier.DEVICE and e.pinned)
+        held = f"leased: {leased or 'none'}; pinned: {pinned or 'none'}"
         if ahead:
             return (f"no room for {need} B on the device after {timeout} s: {ahead} older request(s) still "
-                    f"wait for room ahead of it; leased: {leased or 'none'}")
+                    f"wait for room ahead of it; {held}")
         if max_swap_ins is not None and len(self.reservations) >= max_swap_ins:
             return (f"no swap-in slot after {timeout} s: {len(self.reservations)} swap-ins in flight, "
                     f"max_swap_ins={max_swap_ins}")
         return (f"no room for {need} B on the device after {timeout} s: {self.accounted_bytes()} B of the "
                 f"{self.device_budget} B budget in use or promised, {free_bytes} B free "
-                f"against a reserve of {self.reserve} B; leased: {leased or 'none'}")
+                f"against a reserve of {self.reserve} B; {held}")

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional
 
 from .backends import Backend, Handle
+from .config import check_timeout
 from .errors import BackendError, ConfigError, ModelCacheError
 from .ledger import Entry
 from .tiers import Tier
@@ -177,8 +178,7 @@ def release_quietly(backend: Backend, handle: Handle) -> None:
 
 
 def make_deadline(timeout: Optional[float]) -> Optional[float]:
-    if timeout is not None and timeout < 0:
-        raise ConfigError(f"timeout={timeout!r} must be >= 0 seconds or None")
+    timeout = check_timeout(timeout)
     return None if timeout is None else time.monotonic() + timeout
 
 

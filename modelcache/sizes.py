@@ -1,6 +1,7 @@
 """Byte sizes: ints, or strings such as ``"512MiB"``, ``"6GiB"``, ``"1.5GB"`` and ``"80%"``."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional, Union
 
@@ -32,8 +33,8 @@ def parse_size(value: Optional[Size], *, total: Optional[int] = None, what: str 
             raise ConfigError(f"{what}={value!r} is negative; sizes are >= 0 bytes")
         return value
     if isinstance(value, float):
-        if value < 0 or value != value:
-            raise ConfigError(f"{what}={value!r} must be >= 0 bytes")
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{what}={value!r} must be a finite number of bytes >= 0")
         return int(value)
     if not isinstance(value, str):
         raise ConfigError(f"{what}={value!r} ({type(value).__name__}) is not a size; expected {_FORMS}")
@@ -41,6 +42,8 @@ def parse_size(value: Optional[Size], *, total: Optional[int] = None, what: str 
     if not match:
         raise ConfigError(f"{what}={value!r} is not a size; expected {_FORMS}")
     number, unit = float(match.group(1)), match.group(2).lower()
+    if not math.isfinite(number):
+        raise ConfigError(f"{what}={value!r} must be a finite size")
     if unit == "%":
         if total is None:
             raise ConfigError(f"{what}={value!r} is a percentage, but no total is known to take it of")

@@ -91,8 +91,8 @@ class PythonBackend(Backend):
         return options.get("size_hint") is not None or measure_nbytes(value) is not None
 
     def _load_impl(self, name: str, value: Any, options: Dict[str, Any]) -> PythonHandle:
-        hint = options.get("size_hint")
-        nbytes = hint if hint is not None else measure_nbytes(value)
+        measured = measure_nbytes(value)      # a size_hint plans the first load; what is measured counts
+        nbytes = measured if measured is not None else options.get("size_hint")
         if nbytes is None:
             raise UnsupportedModelError(
                 f"the python backend cannot tell the size of a {type(value).__name__}; "

@@ -16,7 +16,7 @@ import numpy as np
 from ..._fileio import read_into
 from ...devices.host import HostBlock, align
 from ..._optional import require
-from ...errors import UnsupportedModelError
+from ...errors import InvalidModelError, UnsupportedModelError
 
 MiB = 1 << 20
 WEIGHTS_FILE = "modelcache.weights"   # the external-data location the graph refers to
@@ -24,10 +24,6 @@ WEIGHTS_FILE = "modelcache.weights"   # the external-data location the graph ref
 #: shared: fine-tunes of one architecture differ in them (e.g. biases folded from BatchNormalization).
 #: Scalars stay constants (some kernels read them on the host: Clip's bounds, Pad's value).
 SHARE_THRESHOLD = 64
-
-
-class InvalidModelError(UnsupportedModelError):
-    """The ONNX model is malformed, incomplete (missing external data) or rejected by ONNX Runtime."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ...devices.base import Runner
 from ...devices.cuda import device_pointer
-from ...errors import ModelCacheError, ModelInputError
+from ...errors import ModelCacheError, ModelInputError, ModelRunError
 from .graph import ValueInfo, Weight, numpy_dtype
 
 
@@ -111,12 +111,18 @@ class OrtModel:
             raise ModelInputError(f"unknown output(s) {unknown}; the model's outputs are {self._output_names}",
                                   model=self.name)
         run_options = run_options if run_options is not None else self._run_options
-        if not self._weights:
-            return self._on_runner(self._session.run, names, feed, run_options)
-        # binding included: ONNX Runtime copies CPU inputs to the device when they are bound, and
-        # its CUDA provider keeps device memory for every thread that does so (~64 MiB each on an
-        # H100): on the runner thread, that is one thread per session, not one per caller
-        return self._on_runner(self._bind_and_run, names, feed, run_options)
+        try:
+            if not self._weights:
+                return self._on_runner(self._session.run, names, feed, run_options)
+            # binding included: ONNX Runtime copies CPU inputs to the device when they are bound, and
+            # its CUDA provider keeps device memory for every thread that does so: on the runner
+            # thread, that is one thread per session, not one per caller
+            return self._on_runner(self._bind_and_run, names, feed, run_options)
+        except ModelCacheError:
+            raise
+        except Exception as exc:   # the inputs were checked: the runtime itself failed
+            raise ModelRunError(f"ONNX Runtime failed to run the model: {type(exc).__name__}: {str(exc)[:500]}",
+                                model=self.name) from exc
 
     def _bind_and_run(self, names: List[str], feed: Dict[str, np.ndarray], run_options: Any) -> List[np.ndarray]:
         binding = self._bindings.pop() if self._bindings else self.io_binding()

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from ..._fileio import read_verified
 from ...devices.host import align
 from ...errors import (BackendError, ConfigError, EngineCompatibilityError, EngineDeserializationError,
-                       UnsupportedModelError)
+                       ModelRunError, UnsupportedModelError)
 from ...tiers import Tier
 from ..base import Backend, BackendContext, Handle
 from .build import BuildCache, BuildOptions
@@ -331,7 +331,7 @@ class TensorRTBackend(Backend):
         with logger_for(trt).capture() as log:
             ok = context.execute_async_v3(stream if stream is not None else self.memory.stream_handle())
         if not ok:
-            raise BackendError("TensorRT failed to run the engine: " + " | ".join(log.errors(trt)), model=handle.name)
+            raise ModelRunError("TensorRT failed to run the engine: " + " | ".join(log.errors(trt)), model=handle.name)
 
 
 def _nbytes(plan: Any) -> int:

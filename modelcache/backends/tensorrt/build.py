@@ -127,7 +127,10 @@ class BuildCache:
 
     def _cached(self, plan_path: str) -> Optional[Tuple[Dict[str, Any], bytes]]:
         """(sidecar, plan bytes) of a sound entry; None if missing or damaged (then rebuilt)."""
-        sidecar = read_sidecar(plan_path + ".json") if os.path.exists(plan_path) else None
+        try:
+            sidecar = read_sidecar(plan_path + ".json") if os.path.exists(plan_path) else None
+        except CorruptFileError:
+            return None                # a damaged entry is built again
         if sidecar is None:
             return None
         try:

@@ -6,7 +6,7 @@ import json
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..._fileio import atomic_write, model_file, read_verified, remove_quietly
-from ...errors import CorruptFileError, ModelCacheError
+from ...errors import CorruptFileError
 
 SIDECAR_FORMAT = 1
 
@@ -41,13 +41,18 @@ def write_sidecar(path: str, sidecar: Dict[str, Any]) -> None:
 
 
 def read_sidecar(path: str) -> Optional[Dict[str, Any]]:
+    """The sidecar at ``path``; None if there is none; :class:`CorruptFileError` if it is not
+    readable JSON."""
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())
+            data = json.loads(f.read())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise ModelCacheError(f"cannot read the plan's sidecar {path}: {exc}") from exc
+        raise CorruptFileError(f"the plan's sidecar {path} is damaged: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"the plan's sidecar {path} is damaged: not a JSON object")
+    return data
 
 
 def write_plan(directory: str, name: str, plan: Any, sidecar: Dict[str, Any]) -> Tuple[str, str, Dict[str, Any]]:
