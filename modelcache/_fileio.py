@@ -108,3 +108,50 @@ class _HashingWriter:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # it exists, under another user
+        return True
+    return True
+
+
+def reclaim_stale(folder: str, prefix: str) -> int:
+    """Remove ``folder``'s entries named ``PREFIX<pid>-...`` whose process is gone (files a process
+    left behind when it ended without cleaning up). Returns how many were removed."""
+    import shutil
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def private_space(folder: str, prefix: str) -> str:
+    """A new folder of this process's own inside ``folder`` (``PREFIX<pid>-<random>``), after
+    reclaiming those of processes that are gone: two caches sharing ``folder`` never touch each
+    other's files."""
+    import tempfile
+    os.makedirs(folder, exist_ok=True)
+    reclaim_stale(folder, prefix)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
+
+
+def remove_tree(path: Optional[str]) -> None:
+    """Remove a folder and everything in it, if there is one; never raises."""
+    if path:
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)

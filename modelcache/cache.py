@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple, Type, Union
 
-from . import decorators
+from . import closing, decorators
 from ._fileio import atomic_write
 from .backends import Backend, BackendContext, Handle, backend_class, detect_backend
 from .config import check_timeout, resolve
@@ -37,7 +37,7 @@ from .ledger import Entry, Ledger, Reservation
 from .moves import Mover, call_loader, make_deadline, release_quietly, time_left
 from .policies import Policy
 from .sizes import Size, format_bytes, parse_size
-from .stats import Recorder, cache_stats
+from .stats import Recorder, stats_of, status_of
 from .tiers import EntryInfo, Tier
 from .watcher import Watcher
 
@@ -79,6 +79,7 @@ class ModelCache:
         self.policy, self.monitor, self.device = s.policy, s.monitor, s.monitor.device
         self.device_budget_bytes, self.reserve_bytes = s.device_budget_bytes, s.reserve_bytes
         self.host_budget_bytes, self.disk_dir = s.host_budget_bytes, s.disk_dir
+        self._disk_space = s.disk_space          # this cache's own folder inside disk_dir
         self.watch_interval, self.max_swap_ins = s.watch_interval, s.max_swap_ins
         self._owns_monitor = s.owns_monitor
         self._ledger = Ledger(self.policy, self.device_budget_bytes, self.reserve_bytes, self.host_budget_bytes,
@@ -94,6 +95,7 @@ class ModelCache:
         self._moves = Mover(self)
         self._executor = ThreadPoolExecutor(max_workers=s.prefetch_workers, thread_name_prefix="modelcache-prefetch")
         self._watcher = Watcher(self.check_pressure, watch_interval) if watch_interval else None
+        closing.LIVE.add(self)
 
     # ------------------------------------------------------------------ registration
     def register(self, name: str, loader: Any, backend: Union[str, Type[Backend]] = "auto",
@@ -158,7 +160,7 @@ class ModelCache:
         With ``allow_host=True``, a model parked on the host whose backend can serve it there
         (e.g. an ONNX Runtime CPU session) is handed out at once, and its move to the device
         starts in the background; the lease keeps it on the host meanwhile."""
-        if timeout is not None and (type(timeout) is not float and type(timeout) is not int or timeout < 0):
+        if timeout is not None and (type(timeout) is not float and type(timeout) is not int or not timeout >= 0):
             timeout = check_timeout(timeout, name)        # raises ConfigError naming the value
         return Lease(self, name, timeout, allow_host)
 
@@ -197,11 +199,12 @@ class ModelCache:
                     if self._ledger.leave_line(ticket[0]):
                         self._cond.notify_all()
 
-    def _hand_out(self, entry: Entry, lease: bool, hit: bool) -> Any:
-        """Lock held, ``entry`` resident: with ``lease``, one more lease on it and its model."""
+    def _hand_out(self, entry: Entry, lease: bool, hit: bool, held: bool = False) -> Any:
+        """Lock held, ``entry`` resident: with ``lease``, one more lease on it (``held``: its swap-in
+        took it already) and its model."""
         if not lease:
             return None
-        self._grant(entry)
+        self._grant(entry, counted=held)
         if hit:
             entry.hits += 1
             self._hits += 1
@@ -214,9 +217,14 @@ class ModelCache:
                        target: Tier, allow_host: bool, ticket: List[object]) -> Tuple[Entry, Any, bool]:
         """The miss path: one step at a time until ``name`` is resident (lock released during each)."""
         missed = False
+        # a swap-in this request starts commits holding its lease ("held"), so nothing evicts the
+        # model before the request takes it; a request that gave up ("abandoned") hands it back
+        claim = ["wanted" if lease else "none"]
         while True:
             with self._cond:
                 entry = self._get(name)
+                if claim[0] == "held":            # its swap-in committed holding this request's lease
+                    return entry, self._hand_out(entry, lease, hit=False, held=True), False
                 if entry.tier <= target and entry.moving is None:           # resident now
                     return entry, self._hand_out(entry, lease, hit=not missed), not missed
                 if lease and not missed:
@@ -240,13 +248,24 @@ class ModelCache:
             if moving is not None:
                 self._wait_move(entry, moving, deadline, timeout, up=up)
             elif reservation is not None:
-                self._swap_in(entry, reservation)
+                try:
+                    self._moves.run(lambda: self._swap_in(entry, reservation, claim), entry, deadline, timeout)
+                except BaseException:
+                    with self._cond:
+                        if claim[0] == "held":     # committed, but this request is gone: give it back
+                            entry.leases -= 1
+                            self._cond.notify_all()
+                        claim[0] = "abandoned"
+                    raise
             else:
-                self._step_up(entry)
-                if entry.tier is Tier.DEVICE:   # the loader's result was already on the device
-                    self._moves.relieve(exclude=entry)
-                elif target is not Tier.DEVICE:  # else the swap-in settles the host tier
-                    self._moves.settle_host(keep=entry)
+                self._moves.run(lambda: self._step_up_then_settle(entry, target), entry, deadline, timeout)
+
+    def _step_up_then_settle(self, entry: Entry, target: Tier) -> None:
+        self._step_up(entry)
+        if entry.tier is Tier.DEVICE:   # the loader's result was already on the device
+            self._moves.relieve(exclude=entry)
+        elif target is not Tier.DEVICE:  # else the swap-in settles the host tier
+            self._moves.settle_host(keep=entry)
 
     def _serve_on_host(self, entry: Entry) -> Any:
         """Lock held: lease ``entry`` where it is, on the host, if its backend can serve it there,
@@ -261,9 +280,11 @@ class ModelCache:
             self._executor.submit(self._acquire, entry.name, _DEFAULT_TIMEOUT, lease=False)
         return model
 
-    def _grant(self, entry: Entry) -> None:
-        """Lock held: one more lease on ``entry``, and a use for the policy's clock."""
-        entry.leases += 1
+    def _grant(self, entry: Entry, counted: bool = False) -> None:
+        """Lock held: one more lease on ``entry`` (``counted``: taken already), and a use for the
+        policy's clock."""
+        if not counted:
+            entry.leases += 1
         entry.uses += 1
         entry.tick = next(self._clock)
         entry.last_used = time.time()
@@ -271,7 +292,7 @@ class ModelCache:
     def _release(self, entry: Entry) -> None:
         with self._cond:
             entry.leases -= 1
-            if self._waiting:
+            if self._waiting or self._closed:
                 self._cond.notify_all()
 
     def _wait_move(self, entry: Entry, moving: Future, deadline: Optional[float],
@@ -324,18 +345,20 @@ class ModelCache:
         self._moves.begin_locked(entry, Tier.DEVICE)
         return reservation
 
-    def _swap_in(self, entry: Entry, reservation: Reservation) -> None:
-        """Evict the reservation's victims, then move ``entry`` host -> device."""
+    def _swap_in(self, entry: Entry, reservation: Reservation, claim: List[str]) -> None:
+        """Evict the reservation's victims, then move ``entry`` host -> device; the commit holds the
+        requester's lease if it still wants it (``claim``)."""
         for i, victim in enumerate(reservation.victims):
             try:
                 self._moves.down(victim, "room")
-            except ModelCacheError as exc:
+            except BaseException as exc:
                 def undo(rest: List[Entry] = reservation.victims[i + 1:]) -> None:
                     for untouched in rest:
                         self._moves.end_locked(untouched)
                     self._ledger.release_room(reservation)
-                self._moves.fail(entry, BackendError(f"could not make room on the device: {exc}", model=entry.name),
-                           "making room", counter=None, undo=undo, cause=exc)
+                error = exc if not isinstance(exc, ModelCacheError) else \
+                    BackendError(f"could not make room on the device: {exc}", model=entry.name)
+                self._moves.fail(entry, error, "making room", counter=None, undo=undo, cause=exc)
         assert entry.handle is not None and entry.backend is not None
         start = time.perf_counter()
         try:
@@ -348,46 +371,55 @@ class ModelCache:
             self._ledger.release_room(reservation)
             entry.swap_in_seconds = seconds
             entry.tier = Tier.DEVICE
-            entry.last_error = None
+            if claim[0] == "wanted" and not entry.removed:
+                entry.leases += 1
+                claim[0] = "held"
             self._moves.end_locked(entry)
             over = self._ledger.accounted_bytes() > self.device_budget_bytes
+        if entry.removed:      # unregistered or closed meanwhile: free what the move made
+            release_quietly(entry.backend, entry.handle)
+            return
         self._moves.settle_host()  # after the move: the model's own host bytes may have left with it
         if over:  # the backend measured more than it estimated: restore the budget (not with this model)
             self._moves.relieve(exclude=entry)
 
     # ------------------------------------------------------------------ moves (lock not held)
     def _step_up(self, entry: Entry) -> None:
-        """Disk -> host, or unloaded -> host through the loader. ``entry.moving`` is set."""
+        """Disk -> host, or unloaded -> host through the loader. ``entry.moving`` is set. A disk
+        file that cannot be read back (damaged, truncated, deleted) is dropped and the loader runs
+        again, with a log line and ``info().last_error`` saying so."""
         start = time.perf_counter()
-        handle = entry.handle
+        handle, kind = entry.handle, "from_disk"
         try:
-            if handle is None:
-                handle = self._load(entry)
-                kind = "load"
-            else:
+            if handle is not None:
                 assert entry.backend is not None
-                entry.backend.from_disk(handle)
-                kind = "from_disk"
+                try:
+                    entry.backend.from_disk(handle)
+                except Exception as exc:
+                    self._moves.drop_unreadable(entry, exc)
+                    handle = None
+            if handle is None:
+                kind = "load"
+                handle = self._load(entry)
         except BaseException as exc:
-            loading = handle is None
+            loading = kind == "load"
             self._moves.fail(entry, exc, "loading" if loading else "reading it from disk",
-                       counter="load_errors" if loading else "errors.move")
+                             counter="load_errors" if loading else "errors.move")
         seconds = time.perf_counter() - start
         self._record.observe(kind, seconds)
         with self._cond:
             if kind == "load":
                 entry.load_seconds = seconds
-            orphan = handle if entry.removed else None     # unregistered meanwhile: free what we made
-            if orphan is None:
-                entry.handle, entry.tier, entry.last_error = handle, handle.tier, None
+            if not entry.removed:          # else unregistered or closed meanwhile: freed below
+                entry.handle, entry.tier = handle, handle.tier
             self._moves.end_locked(entry)
-        if orphan is not None and entry.backend is not None:
-            release_quietly(entry.backend, orphan)
+        if entry.removed and entry.backend is not None:
+            release_quietly(entry.backend, handle)
 
     def _load(self, entry: Entry) -> Handle:
         try:
             value = call_loader(entry.loader)
-        except BaseException as exc:
+        except Exception as exc:          # KeyboardInterrupt, SystemExit... propagate (Mover.fail)
             raise LoaderError(f"the loader raised {type(exc).__name__}: {exc}", model=entry.name) from exc
         finally:
             with self._cond:
@@ -473,66 +505,23 @@ class ModelCache:
 
     def stats(self) -> Dict[str, Union[int, float]]:
         """A flat dict with dotted keys (declared in ``stats.py``); bytes and seconds."""
-        reading = self.monitor.reading()
-        with self._cond:
-            entries, backends = list(self._entries.values()), list(self._backends.values())
-            out = cache_stats(self._record, entries, self._hits, self._misses, self._ledger.accounted_bytes())
-        out.update({"device.working_bytes": self.monitor.memory.working_bytes(),
-                    "device.budget_bytes": self.device_budget_bytes, "device.reserve_bytes": self.reserve_bytes,
-                    "device.total_bytes": reading.total_bytes, "device.free_bytes": reading.free_bytes,
-                    "device.used_bytes": reading.used_bytes, "host.budget_bytes": self.host_budget_bytes})
-        if reading.process_bytes is not None:
-            out["device.process_bytes"] = reading.process_bytes
-        for backend in backends:
-            for key, value in backend.stats().items():
-                out[f"{backend.name}.{key}"] = value
-        return out
+        return stats_of(self)
 
     def status(self) -> Dict[str, Any]:
         """``stats()`` plus every entry, JSON-ready (what ``modelcache status --cache FILE`` shows)."""
-        entries = []
-        for info in self.entries():
-            row = {k: getattr(info, k) for k in ("name", "device_bytes", "host_bytes", "disk_path", "hits",
-                                                  "misses", "loads", "leases", "last_used", "backend", "pinned")}
-            row.update(tier=str(info.tier), mode=info.details.get("mode"))
-            entries.append(row)
-        return {"time": time.time(), "device": self.device, "policy": self.policy.name, "stats": self.stats(),
-                "entries": entries}
+        return status_of(self)
 
     def dump_status(self, path: str) -> None:
         """Write :meth:`status` to ``path`` atomically, for ``modelcache status --cache PATH``."""
         atomic_write(path, json.dumps(self.status(), indent=1, default=str).encode())
 
     def close(self, timeout: Optional[float] = _DEFAULT_TIMEOUT) -> None:
-        """Stop the watcher, wait for moves in flight, free every model. Idempotent."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
-        if self._watcher is not None:
-            self._watcher.stop(timeout)
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        deadline = make_deadline(timeout)
-        for entry in list(self._entries.values()):
-            moving = entry.moving
-            if moving is not None:
-                with contextlib.suppress(Exception):
-                    moving.result(timeout=time_left(deadline))
-        with self._cond:
-            entries = list(self._entries.values())
-            self._entries.clear()
-        for entry in entries:
-            if entry.leases:
-                logger.warning("modelcache: closing with %d lease(s) held on %r", entry.leases, entry.name)
-            if entry.handle is not None and entry.backend is not None:
-                release_quietly(entry.backend, entry.handle)
-            entry.handle, entry.removed = None, True
-        for backend in self._backends.values():
-            with contextlib.suppress(Exception):
-                backend.close()
-        if self._owns_monitor:
-            self.monitor.close()
+        """Drain, then free every model. New requests get :class:`CacheClosedError` at once; leases
+        held and moves in flight have up to ``timeout`` seconds to finish; then every model is
+        freed. After the timeout a warning names the leases still held (their models are freed
+        anyway: a holder's next run fails), and what a move still in flight makes is freed when it
+        ends. Returns within ``timeout`` (plus the time to free the models). Idempotent."""
+        closing.close(self, check_timeout(timeout))
 
     def __enter__(self) -> "ModelCache":
         return self
@@ -580,7 +569,7 @@ class ModelCache:
         with self._cond:
             backend = self._backends.get(cls)
             if backend is None:
-                backend = self._backends[cls] = cls(BackendContext(self.device, self.monitor, self.disk_dir))
+                backend = self._backends[cls] = cls(BackendContext(self.device, self.monitor, self._disk_space))
             return backend
 
     def __repr__(self) -> str:

@@ -7,10 +7,15 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from ._fileio import private_space
 from .devices import DeviceMonitor, HostMonitor, NvmlMonitor
 from .errors import ConfigError, MonitorError
 from .policies import Policy, make_policy
 from .sizes import Size, parse_size
+
+
+#: each cache's folder inside disk_dir: cache-<pid>-<random> (those of ended processes are reclaimed)
+DISK_PREFIX = "cache-"
 
 
 @dataclass
@@ -24,6 +29,7 @@ class Settings:
     reserve_bytes: int
     host_budget_bytes: int
     disk_dir: Optional[str]
+    disk_space: Optional[str]          #: this cache's own folder inside disk_dir
     watch_interval: Optional[float]
     prefetch_workers: int
     max_swap_ins: Optional[int]
@@ -78,16 +84,17 @@ def resolve(device: Optional[int], device_budget: Optional[Size], reserve: Size,
         else:
             host_budget_bytes = parse_size(host_budget, total=host.total_bytes(), what="host_budget")
         folder = os.fspath(disk_dir) if disk_dir is not None else None
+        space = None
         if folder is not None:
             try:
-                os.makedirs(folder, exist_ok=True)
+                space = private_space(folder, DISK_PREFIX)
             except OSError as exc:
                 raise ConfigError(f"disk_dir={folder!r} cannot be used: {exc}") from exc
     except BaseException:
         if owns_monitor:
             monitor.close()
         raise
-    return Settings(chosen, monitor, owns_monitor, budget, reserve_bytes, host_budget_bytes, folder,
+    return Settings(chosen, monitor, owns_monitor, budget, reserve_bytes, host_budget_bytes, folder, space,
                     watch_interval, prefetch_workers, max_swap_ins)
 
 

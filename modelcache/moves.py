@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional
 
 from .backends import Backend, Handle
 from .config import check_timeout
-from .errors import BackendError, ConfigError, ModelCacheError
+from .errors import BackendError, ConfigError, LeaseTimeoutError, ModelCacheError
 from .ledger import Entry
 from .tiers import Tier
 
@@ -67,10 +69,57 @@ class Mover:
                 undo()
             self.end_locked(entry, error)
         logger.warning("%s", error)
+        if not isinstance(exc, Exception):      # KeyboardInterrupt, SystemExit: the caller gets it
+            raise exc
         cause = cause if cause is not None else exc
         if error is cause:
             raise error
         raise error from cause
+
+    def run(self, move: Callable[[], None], entry: Entry, deadline: Optional[float],
+            timeout: Optional[float]) -> None:
+        """Run ``move`` (which ends ``entry``'s move): in this thread without a deadline; else on a
+        thread of its own, waiting at most until the deadline. A move that outlasts it goes on (the
+        next request finds its result) and the caller gets :class:`LeaseTimeoutError` in time.
+        What the move raised is raised here, an interrupt (``KeyboardInterrupt``) too."""
+        if deadline is None:
+            move()
+            return
+        moving = entry.moving
+        assert moving is not None
+        raised: List[BaseException] = []
+
+        def body() -> None:
+            try:
+                move()
+            except BaseException as exc:     # its waiters got a typed error through the move's Future
+                raised.append(exc)
+        thread = threading.Thread(target=body, name=f"modelcache-move-{entry.name}"[:40], daemon=True)
+        thread.start()
+        try:
+            moving.result(timeout=time_left(deadline))
+        except FutureTimeout:
+            raise LeaseTimeoutError(f"not ready after {timeout} s: its move goes on in the background, and a "
+                                    f"later request will find it done", model=entry.name) from None
+        except BaseException as waited:
+            thread.join()
+            if raised and raised[0] is not waited:   # an interrupt: here as itself, not as the waiters' error
+                raise raised[0]
+            raise
+        thread.join(time_left(deadline))
+        if raised and not isinstance(raised[0], Exception):
+            raise raised[0]
+
+    def drop_unreadable(self, entry: Entry, exc: Exception) -> None:
+        """``entry``'s disk file could not be read back: drop it (the loader will run again)."""
+        assert entry.handle is not None and entry.backend is not None
+        logger.warning("modelcache: model %r: its disk-tier file cannot be read back (%s); it is dropped and the "
+                       "loader runs again", entry.name, exc)
+        release_quietly(entry.backend, entry.handle)
+        with self._cond:
+            entry.handle, entry.tier = None, Tier.UNLOADED
+            entry.last_error = f"disk-tier file dropped: {exc}"
+            self._record.incr("errors.disk")
 
     # moves down ----------------------------------------------------------------------------------
     def down(self, entry: Entry, reason: str) -> None:
@@ -98,10 +147,18 @@ class Mover:
                     entry.tier, entry.evicting_for = handle.tier, None
                     self._cond.notify_all()
                 start = time.perf_counter()
-                backend.to_disk(handle, self._disk_dir())
-                record.observe("to_disk", time.perf_counter() - start)
-                record.incr("demotions.disk")
-            elif target is Tier.UNLOADED:
+                try:
+                    backend.to_disk(handle, self._disk_dir())
+                    record.observe("to_disk", time.perf_counter() - start)
+                    record.incr("demotions.disk")
+                except Exception as exc:          # full, read-only, unpicklable: unload instead
+                    logger.warning("modelcache: model %r: the disk tier cannot take it (%s: %s); it is "
+                                   "unloaded instead (its loader runs again when it is used)",
+                                   entry.name, type(exc).__name__, exc)
+                    entry.last_error = f"disk tier failed, unloaded instead: {type(exc).__name__}: {exc}"
+                    record.incr("errors.disk")
+                    target = Tier.UNLOADED
+            if target is Tier.UNLOADED and handle.tier is not Tier.UNLOADED:
                 backend.release(handle)
                 record.incr("demotions.unloaded")
         except BaseException as exc:
@@ -111,6 +168,8 @@ class Mover:
             if entry.tier is Tier.UNLOADED:
                 entry.handle = None
             self.end_locked(entry)
+        if entry.removed and entry.handle is not None:     # unregistered or closed meanwhile
+            release_quietly(backend, handle)
 
     def all_down(self, victims: List[Entry], reason: str) -> int:
         """Move each victim down (its target set by the planner); returns how many moved. A
@@ -148,9 +207,9 @@ class Mover:
         return evicted
 
     def _disk_dir(self) -> str:
-        if self._cache.disk_dir is None:
+        if self._cache._disk_space is None:
             raise ConfigError("the disk tier needs the cache's disk_dir")
-        return self._cache.disk_dir
+        return self._cache._disk_space
 
 
 def wrap(entry: Entry, exc: BaseException, doing: str) -> ModelCacheError:
@@ -159,6 +218,8 @@ def wrap(entry: Entry, exc: BaseException, doing: str) -> ModelCacheError:
         if exc.model is None:
             exc.model = entry.name
         return exc
+    if not isinstance(exc, Exception):     # an interrupt: the move's other waiters get this error
+        return BackendError(f"interrupted by {type(exc).__name__} while {doing}", model=entry.name)
     return BackendError(f"{type(exc).__name__} while {doing}: {exc}", model=entry.name)
 
 

@@ -3,12 +3,14 @@ declared here (:data:`COUNTERS`, :data:`DURATIONS` and :func:`cache_stats`)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Deque, Dict, Sequence, Union
+from typing import TYPE_CHECKING, Any, Deque, Dict, Sequence, Union
 
 from .tiers import Tier
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .cache import ModelCache
     from .ledger import Entry
 
 Number = Union[int, float]
@@ -39,8 +41,8 @@ class Samples:
 
 #: event counters, reported as 0 until they happen
 COUNTERS = ("loads", "load_errors", "evictions", "evictions.room", "evictions.pressure", "evictions.explicit",
-            "demotions.disk", "demotions.unloaded", "waits.room", "errors.busy", "errors.move", "host_serves",
-            "unparks")
+            "demotions.disk", "demotions.unloaded", "waits.room", "errors.busy", "errors.move", "errors.disk",
+            "host_serves", "unparks")
 #: kinds of timed moves: each gives ``KIND.count``, ``KIND.seconds.total`` and ``KIND.seconds.p50|p95|p99|max``
 DURATIONS = ("load", "swap_in", "swap_out", "to_disk", "from_disk")
 
@@ -88,3 +90,34 @@ def cache_stats(record: Recorder, entries: Sequence["Entry"], hits: int, misses:
     out["device.accounted_bytes"] = accounted_bytes
     out["host.bytes"] = sum(e.host_bytes for e in entries)
     return out
+
+
+def stats_of(cache: "ModelCache") -> Dict[str, Number]:
+    """``ModelCache.stats()``: the entries' figures, the device's readings and budgets, and each
+    backend's own under its name."""
+    reading = cache.monitor.reading()
+    with cache._cond:
+        entries, backends = list(cache._entries.values()), list(cache._backends.values())
+        out = cache_stats(cache._record, entries, cache._hits, cache._misses, cache._ledger.accounted_bytes())
+    out.update({"device.working_bytes": cache.monitor.memory.working_bytes(),
+                "device.budget_bytes": cache.device_budget_bytes, "device.reserve_bytes": cache.reserve_bytes,
+                "device.total_bytes": reading.total_bytes, "device.free_bytes": reading.free_bytes,
+                "device.used_bytes": reading.used_bytes, "host.budget_bytes": cache.host_budget_bytes})
+    if reading.process_bytes is not None:
+        out["device.process_bytes"] = reading.process_bytes
+    for backend in backends:
+        for key, value in backend.stats().items():
+            out[f"{backend.name}.{key}"] = value
+    return out
+
+
+def status_of(cache: "ModelCache") -> Dict[str, Any]:
+    """``ModelCache.status()``: stats and every entry, JSON-ready."""
+    entries = []
+    for info in cache.entries():
+        row = {k: getattr(info, k) for k in ("name", "device_bytes", "host_bytes", "disk_path", "hits",
+                                              "misses", "loads", "leases", "last_used", "backend", "pinned")}
+        row.update(tier=str(info.tier), mode=info.details.get("mode"))
+        entries.append(row)
+    return {"time": time.time(), "device": cache.device, "policy": cache.policy.name, "stats": cache.stats(),
+            "entries": entries}

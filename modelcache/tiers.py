@@ -36,5 +36,5 @@ class EntryInfo:
     pinned: bool = False
     moving_to: Optional[Tier] = None   #: target tier of a move in flight, else None
     swap_in_seconds: Optional[float] = None  #: duration of the last move onto the device
-    last_error: Optional[str] = None
+    last_error: Optional[str] = None    #: the last failure of a move of this model (kept until the next one)
     details: Dict[str, Any] = field(default_factory=dict)  #: backend-specific (e.g. swap mode and why)

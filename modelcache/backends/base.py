@@ -167,6 +167,10 @@ class Backend(ABC):
     def close(self) -> None:
         """Release backend-wide resources (pools, streams)."""
 
+    def remove_files(self) -> None:
+        """Remove the files this backend keeps outside the cache's disk folder (at interpreter exit,
+        for a cache that was not closed). Must not raise."""
+
     @staticmethod
     def _expect(handle: Handle, tier: Tier) -> None:
         if handle.tier is not tier:

@@ -1,4 +1,7 @@
 """Hypothesis explores sequences of operations; after each one the invariants must hold."""
+import threading
+import time
+
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -28,15 +31,27 @@ class CacheMachine(RuleBasedStateMachine):
     def _loader(name):
         return lambda: np.full(SIZES[name], int(name[1:]), np.uint8)
 
+    def _settle(self):
+        """timeout=0 is a promise: a miss returns at once while its move goes on; wait for the moves
+        in flight, so that every rule ends in a settled state."""
+        for _ in range(5000):      # (a move's thread may go on to settle the host tier: wait for it too)
+            busy = any(t.name.startswith("modelcache-move") for t in threading.enumerate())
+            if not busy and all(e.moving is None for e in self.cache._entries.values()):
+                return
+            time.sleep(0.001)
+        raise AssertionError("a move did not finish")
+
     @rule(name=st.sampled_from(NAMES))
     def lease(self, name):
         lease = self.cache.use(name, timeout=0)
         try:
             model = lease.acquire()
-        except mc.DeviceBusyError:
+        except mc.LeaseTimeoutError:      # no room now (DeviceBusyError), or its move goes on: settle
+            self._settle()
             return
         assert model.nbytes == SIZES[name] and model[0] == int(name[1:])
         self.leases.append(lease)
+        self._settle()
 
     @precondition(lambda self: self.leases)
     @rule(data=st.data())
@@ -52,10 +67,17 @@ class CacheMachine(RuleBasedStateMachine):
             assert not leased or self.cache.info(name).tier is mc.Tier.DEVICE
         except mc.ModelInUseError:
             assert leased
+        except mc.LeaseTimeoutError:
+            pass
+        self._settle()
 
     @rule(name=st.sampled_from(NAMES))
     def prefetch_host(self, name):
-        self.cache.prefetch(name, tier=mc.Tier.HOST, timeout=0).result(5)
+        try:
+            self.cache.prefetch(name, tier=mc.Tier.HOST, timeout=0).result(5)
+        except mc.LeaseTimeoutError:
+            pass
+        self._settle()
 
     @rule(nbytes=st.integers(50, 400))
     def other_process_takes(self, nbytes):

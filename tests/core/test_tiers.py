@@ -28,21 +28,31 @@ def test_explicit_evict_to_each_tier(make_cache, tmp_path):
         cache.evict("a", tier=mc.Tier.DEVICE)
 
 
-def test_corrupt_disk_file_is_typed_and_recoverable(make_cache, tmp_path):
+def test_a_damaged_disk_file_is_dropped_and_the_loader_runs_again(make_cache, tmp_path, caplog):
+    """A byte flipped, the file truncated or deleted by a tmp cleaner: the next use drops it (a log
+    line and info().last_error say so) and reloads through the loader."""
+    calls = []
     cache = make_cache(disk_dir=str(tmp_path))
-    cache.register("a", array_loader(5))
-    cache.prefetch("a", tier=mc.Tier.HOST).result(5)
-    path = cache.evict("a", tier=mc.Tier.DISK).disk_path
-    with open(path, "r+b") as f:
-        f.seek(-5, os.SEEK_END)
-        f.write(b"XXXXX")
-    with pytest.raises(mc.CorruptFileError, match="sha256"):
-        with cache.use("a"):
-            pass
-    assert cache.info("a").tier is mc.Tier.DISK
-    cache.evict("a", tier=mc.Tier.UNLOADED)
-    with cache.use("a") as m:   # reloaded by its loader
-        assert m[0] == 5
+    cache.register("a", array_loader(5, calls=calls))
+    for damage in ("flip", "truncate", "delete"):
+        cache.prefetch("a", tier=mc.Tier.HOST).result(5)
+        path = cache.evict("a", tier=mc.Tier.DISK).disk_path
+        if damage == "flip":
+            with open(path, "r+b") as f:
+                f.seek(-5, os.SEEK_END)
+                f.write(b"XXXXX")
+        elif damage == "truncate":
+            with open(path, "r+b") as f:
+                f.truncate(10)
+        else:
+            os.unlink(path)
+        with caplog.at_level("WARNING", logger="modelcache"):
+            with cache.use("a") as m:          # no error: reloaded by its loader
+                assert m[0] == 5
+        info = cache.info("a")
+        assert "disk-tier file dropped" in info.last_error and not os.path.exists(path)
+        assert "cannot be read back" in caplog.text
+    assert len(calls) == 4 and cache.stats()["errors.disk"] == 3
 
 
 def test_evict_to_disk_without_disk_dir(make_cache):

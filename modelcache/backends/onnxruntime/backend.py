@@ -229,6 +229,9 @@ class OnnxRuntimeBackend(Backend):
         self.pool.close()
         self.sessions.close()
 
+    def remove_files(self) -> None:
+        self.sessions.close()
+
     # helpers --------------------------------------------------------------------------------------
     @staticmethod
     def _retire(handle: OrtHandle) -> None:

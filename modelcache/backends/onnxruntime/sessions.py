@@ -15,6 +15,7 @@ import tempfile
 import threading
 from typing import Any, Dict, Iterator, List, Optional
 
+from ..._fileio import reclaim_stale
 from ..._optional import require
 from ...devices.base import DeviceMemory
 from ...devices.host import HostBlock
@@ -24,6 +25,8 @@ from .graph import MiB, WEIGHTS_FILE, InvalidModelError
 _env_arenas: set = set()          # devices whose shared CUDA arena is registered with ONNX Runtime
 _env_arenas_lock = threading.Lock()
 arena_errors: Dict[int, str] = {}  # device -> why ONNX Runtime refused a shared arena
+#: folders of files in RAM and scratch: modelcache-ort-<pid>-<random> (ended processes' are reclaimed)
+FOLDER_PREFIX = "modelcache-ort-"
 
 
 def ort_module() -> Any:
@@ -158,6 +161,8 @@ class Sessions:
     """Makes the sessions of one backend (see the module docstring)."""
 
     def __init__(self, memory: DeviceMemory, disk_dir: Optional[str]) -> None:
+        for folder in ("/dev/shm", disk_dir or tempfile.gettempdir()):   # what ended processes left
+            reclaim_stale(folder, FOLDER_PREFIX)
         self.memory = memory
         self.device = PROVIDERS[memory.kind](memory.index)
         self.cpu = CpuProvider()
@@ -214,7 +219,7 @@ class Sessions:
         with self._lock:
             if self._shm is None:
                 try:
-                    self._shm = tempfile.mkdtemp(prefix="modelcache-ort-", dir="/dev/shm")
+                    self._shm = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir="/dev/shm")
                 except OSError:
                     self._shm = ""
             shm = self._shm
@@ -229,7 +234,7 @@ class Sessions:
     def scratch_dir(self) -> str:
         with self._lock:
             if self._scratch is None:
-                self._scratch = tempfile.mkdtemp(prefix="modelcache-ort-", dir=self._disk_dir)
+                self._scratch = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=self._disk_dir)
             return self._scratch
 
     def _scratch_files(self, graph: bytes, block: HostBlock, nbytes: int) -> str:
@@ -242,6 +247,7 @@ class Sessions:
         return path
 
     def close(self) -> None:
+        """Remove this backend's folders (files in RAM, scratch); safe to call more than once."""
         for folder in (self._scratch, self._shm):
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
