@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What the dated GPU results under docs/ were produced with, on the lent H100 (see docs/usage.md):
-#   bash benchmarks/gpu_suite.sh tests|swap|stress|zoo OUT_DIR [extra args]
+#   bash benchmarks/gpu_suite.sh tests|swap|stress|zoo|soak OUT_DIR [extra args]
 # onnxruntime-gpu must be importable (PYTHONPATH=/tmp/site:$PWD after ../shared/gpu/stage.sh).
 set -uo pipefail
-what=${1:?tests, swap, stress or zoo}
+what=${1:?tests, swap, stress, zoo or soak}
 out=${2:?an output folder}
 shift 2
 mkdir -p "$out"
@@ -25,5 +25,7 @@ case "$what" in
       --no-progress "$@" 2>&1 | tee "$out/stress.txt" ;;
   zoo)
     python3 benchmarks/zoo.py --zoo /tmp/modelcache-zoo --json "$out/zoo.json" "$@" 2>&1 | tee "$out/zoo.txt" ;;
+  soak)
+    python3 benchmarks/soak.py --zoo /tmp/modelcache-zoo --json "$out/soak.json" "$@" 2>&1 | tee "$out/soak.txt" ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac

@@ -402,6 +402,21 @@ def test_external_data_outside_the_model_folder_or_too_short_is_refused(cache, t
         assert model.run(None, {"x": X})[0].shape == (3, HIDDEN)
 
 
+def test_a_model_folder_of_links_loads(cache, tmp_path):
+    """A Hugging Face cache snapshot links each file to a blob elsewhere: the model and its external
+    data are links, and the weights read through them are the model's own."""
+    proto = make_mlp(HIDDEN, 2, seed=5)
+    path = save_model(proto, str(tmp_path / "blobs" / "m.onnx"), external_data=True)
+    (tmp_path / "snapshot").mkdir()
+    for f in ("m.onnx", "m.onnx.data"):
+        os.symlink(str(tmp_path / "blobs" / f), str(tmp_path / "snapshot" / f))
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": X})[0]
+    assert np.std(expected) > 0
+    cache.register("linked", str(tmp_path / "snapshot" / "m.onnx"))
+    with cache.use("linked") as model:
+        np.testing.assert_allclose(model.run(None, {"x": X})[0], expected, rtol=RTOL, atol=ATOL)
+
+
 def test_shared_session_model_reports_the_original_inputs_and_outputs(tmp_path):
     """The shared graph's dimensions are symbolic; what use() hands out still describes the
     model's own inputs and outputs, as a plain InferenceSession does."""

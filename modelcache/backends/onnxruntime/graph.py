@@ -299,11 +299,14 @@ def tensor_nbytes(init: Any) -> int:
 
 # external data --------------------------------------------------------------------------------
 def _external_entry(name: str, init: Any, base_dir: Optional[str]) -> Tuple[str, int, Optional[int]]:
-    """(file path, offset, length) of an initializer's external data, checked to lie in base_dir."""
+    """(file path, offset, length) of an initializer's external data, checked to lie in base_dir.
+
+    The location is checked as written (no absolute path, no ``..`` out of the folder); a file there
+    may be a link (a Hugging Face cache snapshot links every file to its blob)."""
     info = {e.key: e.value for e in init.external_data}
     location = info.get("location", "")
-    root = os.path.realpath(base_dir or ".")
-    path = os.path.realpath(os.path.join(root, location))
+    root = os.path.abspath(base_dir or ".")
+    path = os.path.normpath(os.path.join(root, location))
     if not location or os.path.isabs(location) or not (path == root or path.startswith(root + os.sep)):
         raise InvalidModelError(f"initializer {init.name!r}: external data location {location!r} is not a "
                                 f"file beside the model", model=name)
