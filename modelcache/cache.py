@@ -188,7 +188,7 @@ class ModelCache:
             entry = self._get(name)
             if entry.tier <= target and entry.moving is None:
                 return entry, self._hand_out(entry, lease, hit=True), True, False
-        ticket: List[object] = []                   # [its place in line] once this request waits for room
+        ticket: List[Any] = []                      # [its place in line, since when] once it waits for room
         try:
             entry, model, hit = self._make_resident(name, make_deadline(timeout), timeout, lease, target,
                                                     allow_host, ticket)
@@ -214,7 +214,7 @@ class ModelCache:
         return entry.backend.model(entry.handle)
 
     def _make_resident(self, name: str, deadline: Optional[float], timeout: Optional[float], lease: bool,
-                       target: Tier, allow_host: bool, ticket: List[object]) -> Tuple[Entry, Any, bool]:
+                       target: Tier, allow_host: bool, ticket: List[Any]) -> Tuple[Entry, Any, bool]:
         """The miss path: one step at a time until ``name`` is resident (lock released during each)."""
         missed = False
         # a swap-in this request starts commits holding its lease ("held"), so nothing evicts the
@@ -263,7 +263,7 @@ class ModelCache:
     def _step_up_then_settle(self, entry: Entry, target: Tier) -> None:
         self._step_up(entry)
         if entry.tier is Tier.DEVICE:   # the loader's result was already on the device
-            self._moves.relieve(exclude=entry)
+            self._moves.relieve(exclude=entry, measured=True)
         elif target is not Tier.DEVICE:  # else the swap-in settles the host tier
             self._moves.settle_host(keep=entry)
 
@@ -309,7 +309,7 @@ class ModelCache:
                 raise
 
     def _plan_swap_in(self, entry: Entry, deadline: Optional[float], timeout: Optional[float],
-                      ticket: List[object]) -> Optional[Reservation]:
+                      ticket: List[Any]) -> Optional[Reservation]:
         """Lock held: reserve device room for ``entry`` and pick victims, or wait (lock released
         meanwhile) and return None. While older requests wait for room, this one lines up behind
         them. Raises ModelTooLargeError / DeviceBusyError."""
@@ -320,10 +320,11 @@ class ModelCache:
         place = ticket[0] if ticket else None
         if ledger.first_in_line(place) and (self.max_swap_ins is None
                                              or len(ledger.reservations) < self.max_swap_ins):
-            victims = ledger.choose_victims(need, entry, self.monitor.free_bytes())
+            waited_s = time.monotonic() - ticket[1] if ticket else 0.0
+            victims = ledger.choose_victims(need, entry, self.monitor.free_bytes(), waited_s)
         if victims is None:                         # no room yet, no swap-in slot, or older requests first
             if not ticket:
-                ticket.append(object())
+                ticket.extend((object(), time.monotonic()))     # a place in line, and since when
             ahead = ledger.wait_in_line(ticket[0])
             remaining = time_left(deadline)
             if remaining is not None and remaining <= 0:
@@ -381,7 +382,7 @@ class ModelCache:
             return
         self._moves.settle_host()  # after the move: the model's own host bytes may have left with it
         if over:  # the backend measured more than it estimated: restore the budget (not with this model)
-            self._moves.relieve(exclude=entry)
+            self._moves.relieve(exclude=entry, measured=True)
 
     # ------------------------------------------------------------------ moves (lock not held)
     def _step_up(self, entry: Entry) -> None:

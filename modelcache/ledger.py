@@ -185,12 +185,13 @@ class Ledger:
             return False
 
     # victims -------------------------------------------------------------------------------
-    def choose_victims(self, need: int, exclude: Optional[Entry], free_bytes: int) -> Optional[List[Entry]]:
+    def choose_victims(self, need: int, exclude: Optional[Entry], free_bytes: int,
+                       waited_s: Optional[float] = None) -> Optional[List[Entry]]:
         """The victims that make room for ``need`` more device bytes, in policy order, such that
         the accounted bytes stay within the budget and the projected free memory (``free_bytes``
         read now) stays at or above the reserve. None if evicting every evictable model would not
-        be enough."""
-        victims, enough = self.pick_victims(need, exclude, free_bytes)
+        be enough (see :meth:`pick_victims` for ``waited_s``)."""
+        victims, enough = self.pick_victims(need, exclude, free_bytes, waited_s)
         if not enough:
             for victim in victims:
                 victim.unpark_after = False
@@ -199,11 +200,17 @@ class Ledger:
             self.policy.on_evict(victim.candidate(victim.device_bytes))
         return victims
 
-    def pick_victims(self, need: int, exclude: Optional[Entry], free_bytes: int) -> Tuple[List[Entry], bool]:
+    def pick_victims(self, need: int, exclude: Optional[Entry], free_bytes: int,
+                     waited_s: Optional[float] = None) -> Tuple[List[Entry], bool]:
         """Victims until ``need`` more bytes fit both the budget and the reserve, and whether they
         suffice: resident models in policy order first (evicted), then device memory kept for
         fast swap-ins (a shared session), freed as a whole: every model holding it goes to the
-        host and is unparked (``unpark_after`` marks resident ones)."""
+        host and is unparked (``unpark_after`` marks resident ones).
+
+        With ``waited_s`` (how long the request has waited for room), shared memory that takes
+        longer than that to make again (``Handle.shared_seconds``: a session, about a second) is
+        kept while waiting for leased models to be released would make the room: a run ends in
+        milliseconds, and dropping a session costs every later request of its architecture."""
         over_budget = self.accounted_bytes() + need - self.device_budget
         pending = sum(r.need for r in self.reservations)
         short_free = self.reserve - (free_bytes - pending - need)
@@ -214,7 +221,18 @@ class Ledger:
                 return victims, True
             victims.append(self.entries[candidate.name])
             freed += candidate.nbytes
-        for nbytes, members in self.droppable_shared(exclude):
+        if freed >= over_budget and freed >= short_free:
+            return victims, True
+        shared = self.droppable_shared(exclude)
+        if waited_s is not None and shared:
+            busy = sum(e.freed_by_eviction for e in self.entries.values()
+                       if e.tier is Tier.DEVICE and not e.pinned and not e.idle() and e is not exclude
+                       and e.evicting_for is None)
+            if freed + busy >= over_budget and freed + busy >= short_free:      # waiting would do
+                shared = [(n, m) for n, m in shared
+                          if max((x.handle.shared_seconds() for x in m if x.handle is not None), default=0.0)
+                          <= waited_s]
+        for nbytes, members in shared:
             if freed >= over_budget and freed >= short_free:
                 break
             for member in members:

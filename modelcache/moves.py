@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import sys
 import threading
 import time
@@ -37,6 +38,7 @@ class Mover:
         self._cond = cache._cond
         self._ledger = cache._ledger
         self._record = cache._record
+        self.workers = Workers("modelcache-move")
 
     # bookkeeping ---------------------------------------------------------------------------------
     @staticmethod
@@ -79,7 +81,7 @@ class Mover:
     def run(self, move: Callable[[], None], entry: Entry, deadline: Optional[float],
             timeout: Optional[float]) -> None:
         """Run ``move`` (which ends ``entry``'s move): in this thread without a deadline; else on a
-        thread of its own, waiting at most until the deadline. A move that outlasts it goes on (the
+        worker thread (see :class:`Workers`), waiting at most until the deadline. A move that outlasts it goes on (the
         next request finds its result) and the caller gets :class:`LeaseTimeoutError` in time.
         What the move raised is raised here, an interrupt (``KeyboardInterrupt``) too."""
         if deadline is None:
@@ -88,25 +90,27 @@ class Mover:
         moving = entry.moving
         assert moving is not None
         raised: List[BaseException] = []
+        done = threading.Event()
 
         def body() -> None:
             try:
                 move()
             except BaseException as exc:     # its waiters got a typed error through the move's Future
                 raised.append(exc)
-        thread = threading.Thread(target=body, name=f"modelcache-move-{entry.name}"[:40], daemon=True)
-        thread.start()
+            finally:
+                done.set()
+        self.workers.start(body)
         try:
             moving.result(timeout=time_left(deadline))
         except FutureTimeout:
             raise LeaseTimeoutError(f"not ready after {timeout} s: its move goes on in the background, and a "
                                     f"later request will find it done", model=entry.name) from None
         except BaseException as waited:
-            thread.join()
+            done.wait()
             if raised and raised[0] is not waited:   # an interrupt: here as itself, not as the waiters' error
                 raise raised[0]
             raise
-        thread.join(time_left(deadline))
+        done.wait(time_left(deadline))
         if raised and not isinstance(raised[0], Exception):
             raise raised[0]
 
@@ -191,13 +195,17 @@ class Mover:
                 self.begin_locked(victim, self._ledger.below_host(victim))
         self.all_down(victims, "host")
 
-    def relieve(self, exclude: Optional[Entry] = None) -> int:
+    def relieve(self, exclude: Optional[Entry] = None, *, measured: bool = False) -> int:
         """Evict (policy order) until the accounted bytes fit the budget and the device's free
-        memory is at least the reserve; returns the number of models evicted."""
+        memory is at least the reserve; returns the number of models evicted. ``measured``: the
+        excess is a model measured larger than planned, not memory pressure: shared memory that is
+        costly to make again (a session) is kept while runs in flight would make the room when
+        they end (the next swap-in that needs room evicts then)."""
         with self._cond:
             if self._cache._closed:
                 return 0
-            victims, _ = self._ledger.pick_victims(0, exclude, self._cache.monitor.free_bytes())  # enough or not
+            victims, _ = self._ledger.pick_victims(0, exclude, self._cache.monitor.free_bytes(),  # enough or not
+                                                   0.0 if measured else None)
             for victim in victims:
                 self._cache.policy.on_evict(victim.candidate(victim.device_bytes))
                 self.begin_locked(victim, self._ledger.eviction_target(victim))
@@ -245,3 +253,69 @@ def make_deadline(timeout: Optional[float]) -> Optional[float]:
 
 def time_left(at: Optional[float]) -> Optional[float]:
     return None if at is None else max(0.0, at - time.monotonic())
+
+
+class Workers:
+    """Threads for moves that run apart from their caller, kept for the next one: an idle thread
+    is reused, a new one starts only when none is idle, and one idle for ``idle_s`` seconds ends.
+    A thread per move would leave the per-thread state of CUDA and the runtimes (a copy stream,
+    the runtime's thread state: about 0.5 MiB of device memory each, measured on the H100) behind
+    each time; reused threads keep it bounded by the moves in flight at once."""
+
+    def __init__(self, label: str, idle_s: float = 30.0) -> None:
+        self._label = label
+        self._idle_s = idle_s
+        self._lock = threading.Lock()
+        self._idle: List["queue.SimpleQueue[Optional[Callable[[], None]]]"] = []
+        self._started = 0
+        self._busy = 0
+
+    def start(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (which handles its own errors) on an idle thread, or a new one."""
+        with self._lock:
+            self._busy += 1
+            inbox = self._idle.pop() if self._idle else None
+            if inbox is None:
+                self._started += 1
+                number = self._started
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._loop, args=(inbox,), name=f"{self._label}-{number}", daemon=True).start()
+        inbox.put(job)
+
+    def _loop(self, inbox: "queue.SimpleQueue[Optional[Callable[[], None]]]") -> None:
+        while True:
+            try:
+                job = inbox.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:      # still idle: end
+                        self._idle.remove(inbox)
+                        return
+                job = inbox.get()                # taken by start() just now: its job is on the way
+            if job is None:
+                return
+            try:
+                job()
+            except BaseException:                # pragma: no cover - jobs report their own errors
+                logger.exception("modelcache: a background move raised")
+            with self._lock:
+                self._busy -= 1
+                self._idle.append(inbox)
+
+    def busy(self) -> int:
+        """Jobs started and not yet finished."""
+        with self._lock:
+            return self._busy
+
+    def threads(self) -> int:
+        """Threads started so far (for tests: reuse keeps this at the moves in flight at once)."""
+        with self._lock:
+            return self._started
+
+    def stop(self) -> None:
+        """End the idle threads (busy ones end when idle for ``idle_s``)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for inbox in idle:
+            inbox.put(None)

@@ -60,6 +60,12 @@ class Handle:
         nbytes = self.unpark_frees_bytes() if self.tier is Tier.HOST else self.kept_after_eviction()
         return (("own", id(self)), nbytes) if nbytes > 0 else None
 
+    def shared_seconds(self) -> float:
+        """Seconds it would take to make this model's shared device memory again once freed (e.g.
+        to create the session): the cache frees it only after a request for room has waited that
+        long, unless waiting for leases to end could not make the room anyway."""
+        return 0.0
+
     def shared_key(self) -> Optional[Hashable]:
         """The key of the shared device memory this model's next swap-in will use (and counted on
         when it was planned), or None: such memory must not be freed while the swap-in is on its way."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
@@ -139,13 +140,15 @@ class DeviceBuffer(Buffer):
 
 
 class Stream:
-    """A non-blocking CUDA stream for copies on one device."""
+    """A non-blocking CUDA stream for copies on one device; destroyed by :meth:`close` or when
+    the stream is collected (a thread's stream goes with its thread, see :class:`StreamPool`)."""
 
     def __init__(self, device: int) -> None:
         rt = runtime()
         set_device(device)
         self.device = device
         self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        self._finalizer = weakref.finalize(self, _destroy_stream, self.handle)
 
     def copy_to_device(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
         rt = runtime()
@@ -161,37 +164,49 @@ class Stream:
         check(runtime().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
     def close(self) -> None:
-        if self.handle is not None:
-            handle, self.handle = self.handle, None
-            check(runtime().cudaStreamDestroy(handle), "cudaStreamDestroy")
+        """Destroy the stream (work queued on it still completes); safe to call more than once."""
+        self._finalizer()
+
+
+def _destroy_stream(handle: Any) -> None:
+    try:
+        check(runtime().cudaStreamDestroy(handle), "cudaStreamDestroy")
+    except Exception:        # pragma: no cover - at interpreter exit the runtime may be gone already
+        pass
 
 
 class StreamPool:
-    """One copy stream per thread and device, so concurrent swap-ins do not serialise."""
+    """One copy stream per thread and device, so concurrent swap-ins do not serialise. A thread's
+    streams are destroyed when the thread ends (its thread-local dict goes, and with it the only
+    strong reference), or all at :meth:`close`."""
 
     def __init__(self) -> None:
         self._local = threading.local()
-        self._all: List[Stream] = []
+        self._all: "weakref.WeakSet[Stream]" = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def get(self, device: int) -> Stream:
-        streams: Dict[int, Stream] = getattr(self._local, "streams", None) or {}
-        self._local.streams = streams
+        streams: Optional[Dict[int, Stream]] = getattr(self._local, "streams", None)
+        if streams is None:
+            streams = self._local.streams = {}
         stream = streams.get(device)
         if stream is None:
             stream = streams[device] = Stream(device)
             with self._lock:
-                self._all.append(stream)
+                self._all.add(stream)
         return stream
+
+    def live(self) -> int:
+        """Streams not yet destroyed (for tests)."""
+        with self._lock:
+            return sum(1 for s in list(self._all) if s._finalizer.alive)
 
     def close(self) -> None:
         with self._lock:
-            streams, self._all = self._all, []
+            streams = list(self._all)
+            self._all = weakref.WeakSet()
         for stream in streams:
-            try:
-                stream.close()
-            except ModelCacheError:
-                pass
+            stream.close()
 
 
 def device_pointer(value: Any) -> int:

@@ -11,6 +11,7 @@ class FakeHandle(Handle):
     def __init__(self, name, tier, nbytes, kept=0):
         super().__init__(name, tier)
         self.nbytes, self.kept = nbytes, kept
+        self.seconds = 0.0
         self.device_bytes = nbytes if tier is mc.Tier.DEVICE else 0
         self.host_bytes = nbytes
 
@@ -22,6 +23,9 @@ class FakeHandle(Handle):
 
     def kept_after_eviction(self):
         return self.kept
+
+    def shared_seconds(self):
+        return self.seconds
 
 
 def make_ledger(budget=1000, reserve=0, host_budget=10_000, total=2000):
@@ -90,6 +94,26 @@ def test_parked_bytes_are_unparked_after_evictions():
         [(200, ["parked"])]
     victims = ledger.choose_victims(500, None, free_bytes=2000)
     assert {v.name for v in victims} == {"resident", "parked"}
+
+
+def test_costly_shared_memory_is_kept_while_waiting_for_leases_would_make_room():
+    """A parked model's session (200 B, 1 s to create again) is not dropped for a request that
+    waiting for a leased model could serve: unless the request has waited as long as the session
+    would take to make again, or waiting could not make the room."""
+    ledger = make_ledger(budget=600)
+    parked = add(ledger, "parked", mc.Tier.HOST, 100, tick=0, kept=200)
+    parked.handle.seconds = 1.0
+    add(ledger, "leased", mc.Tier.DEVICE, 300, tick=1, leases=1)
+    assert ledger.choose_victims(200, None, free_bytes=2000, waited_s=0.0) is None     # wait for "leased"
+    assert ledger.choose_victims(200, None, free_bytes=2000, waited_s=0.5) is None
+    assert [v.name for v in ledger.choose_victims(200, None, free_bytes=2000, waited_s=1.0)] == ["parked"]
+    assert [v.name for v in ledger.choose_victims(200, None, free_bytes=2000)] == ["parked"]   # pressure relief
+    parked.handle.seconds = 0.0                  # cheap to make again: dropped at once
+    assert [v.name for v in ledger.choose_victims(200, None, free_bytes=2000, waited_s=0.0)] == ["parked"]
+    parked.handle.seconds = 1.0
+    ledger.entries["leased"].handle.device_bytes = 100     # waiting could free 100 B only: drop it now
+    ledger.entries["leased"].handle.nbytes = 100
+    assert [v.name for v in ledger.choose_victims(450, None, free_bytes=2000, waited_s=0.0)] == ["parked"]
 
 
 def test_too_large_and_host_victims():

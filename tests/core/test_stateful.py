@@ -1,5 +1,4 @@
 """Hypothesis explores sequences of operations; after each one the invariants must hold."""
-import threading
 import time
 
 import numpy as np
@@ -35,7 +34,7 @@ class CacheMachine(RuleBasedStateMachine):
         """timeout=0 is a promise: a miss returns at once while its move goes on; wait for the moves
         in flight, so that every rule ends in a settled state."""
         for _ in range(5000):      # (a move's thread may go on to settle the host tier: wait for it too)
-            busy = any(t.name.startswith("modelcache-move") for t in threading.enumerate())
+            busy = self.cache._moves.workers.busy()
             if not busy and all(e.moving is None for e in self.cache._entries.values()):
                 return
             time.sleep(0.001)

@@ -91,6 +91,10 @@ class OrtHandle(Handle):
         group = self.group
         return (group.key, group.nbytes) if group is not None and group.session is not None else None
 
+    def shared_seconds(self) -> float:
+        group = self.group
+        return group.create_seconds if group is not None else 0.0
+
     def shared_key(self) -> Optional[Any]:
         return self.group_key or None
 

@@ -14,6 +14,7 @@ first member.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -48,6 +49,7 @@ class SessionGroup:
         self.pending = 0                # swap-ins joining it right now (keeps it from being dropped)
         self.warmup_error: Optional[str] = None
         self.working_bytes = 0          # device bytes one run takes (measured), counted while runs hold it
+        self.create_seconds = 0.0       # what making the session again would cost (measured)
 
 
 class WeightsMode(Mode):
@@ -58,6 +60,7 @@ class WeightsMode(Mode):
         self._groups: Dict[str, SessionGroup] = {}     # shared sessions by graph key
         self._lock = threading.Lock()
         self._session_bytes_seen = 0
+        self._known: Dict[str, Tuple[int, int]] = {}    # group key -> (session, working) bytes measured
         self.sessions_created = 0
 
     # moves -------------------------------------------------------------------------------------
@@ -153,6 +156,9 @@ class WeightsMode(Mode):
                 + memory.run_overhead_bytes
         group = handle.group or self._groups.get(handle.group_key)
         if group is None or group.session is None:
+            known = self._known.get(handle.group_key)       # made before, freed since: as measured then
+            if known is not None:
+                return handle.weights_nbytes + known[0] + known[1]
             return handle.weights_nbytes + self._session_estimate() + memory.run_overhead_bytes
         session = self.shared_bytes(handle) if handle.group is group else 0
         working = 0 if any(m.tier is Tier.DEVICE for m in list(group.members)) else group.working_bytes
@@ -320,6 +326,7 @@ class WeightsMode(Mode):
             return session
 
         runner = memory.new_runner(f"ort-{handle.name}")
+        start = time.perf_counter()
         try:
             with sessions.gate.write():   # this backend's own allocations and frees wait meanwhile
                 session, charge = memory.measure(lambda: runner.call(create),
@@ -329,6 +336,7 @@ class WeightsMode(Mode):
             runner.shutdown()
             raise
         group.session, group.runner, group.charge, group.nbytes = session, runner, charge, charge.nbytes
+        group.create_seconds = time.perf_counter() - start
         with self._lock:
             self._session_bytes_seen = max(self._session_bytes_seen, group.nbytes)
             self.sessions_created += 1
@@ -371,6 +379,8 @@ class WeightsMode(Mode):
         if group.members or group.pending or self._groups.get(group.key) is not group:
             return None
         del self._groups[group.key]
+        if group.session is not None:      # its figures plan the session's next creation
+            self._known[group.key] = (group.nbytes, group.working_bytes)
         box = [group.session]
         group.session = None
         runner, group.runner = group.runner, None
