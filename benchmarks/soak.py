@@ -74,7 +74,15 @@ def cycles(path: str, name: str, count: int, warmup: int, disk_every: int, gpu: 
     wrong = 0
     samples: List[Dict[str, Any]] = []
     started = time.perf_counter()
+    traced = os.environ.get("SOAK_TRACEMALLOC")      # diagnostic: where Python's own allocations grow
+    objects = 0
     for i in range(warmup + count):
+        if traced and i == warmup:
+            import tracemalloc
+            gc.collect()
+            objects = len(gc.get_objects())
+            tracemalloc.start(10)
+            first_snapshot = tracemalloc.take_snapshot()
         with cache.use(name, timeout=600) as model:
             got = model.run(None, feed)[0]
         wrong += not output_ok(got, expected)
@@ -90,6 +98,12 @@ def cycles(path: str, name: str, count: int, warmup: int, disk_every: int, gpu: 
         ins.append(time.perf_counter() - start)
         lease.release()
     seconds = time.perf_counter() - started
+    if traced:
+        gc.collect()
+        print(f"python objects: {objects} -> {len(gc.get_objects())}", flush=True)
+        for stat in tracemalloc.take_snapshot().compare_to(first_snapshot, "traceback")[:4]:
+            print(stat, "\n   ", "\n    ".join(stat.traceback.format()[-6:]), flush=True)
+        tracemalloc.stop()
     stats = cache.stats()
     cache.close()
     first = samples[0]

@@ -433,6 +433,59 @@ def test_shared_session_model_reports_the_original_inputs_and_outputs(tmp_path):
                         [(v.name, v.type, list(v.shape)) for v in want]
 
 
+def test_a_session_made_again_lets_other_models_run_meanwhile(tmp_path):
+    """A session's first creation is measured alone (runs wait: about a second on a GPU); made
+    again after it was freed, it is charged as measured then, and other models run meanwhile."""
+    path_a, xa, ya = _mlp(tmp_path, 256, 1)
+    path_b = save_model(make_mlp(128, 2, seed=9), str(tmp_path / "b.onnx"))
+    xb = np.random.default_rng(1).standard_normal((3, 128)).astype(np.float32)
+    yb = ort.InferenceSession(path_b, providers=["CPUExecutionProvider"]).run(None, {"x": xb})[0]
+    assert np.std(yb) > 0
+    with mc.ModelCache(monitor=mc.SimulatedDevice("64MiB", session_overhead="1MiB"), reserve=0,
+                       watch_interval=None) as cache:
+        cache.register("a", path_a, weights_threshold=4096)
+        cache.register("b", path_b, weights_threshold=4096)
+        for name in ("a", "b"):
+            with cache.use(name):
+                pass
+        measured = cache.info("a").details["session_device_bytes"]
+        cache.evict("a")
+        cache._moves.begin_locked(cache._entries["a"], mc.Tier.HOST)   # unpark: a's session goes
+        cache._moves.down(cache._entries["a"], "explicit")
+        sessions = cache._entries["a"].backend.sessions
+        create, started, release = sessions.create, threading.Event(), threading.Event()
+
+        def slow_create(*args, **kwargs):
+            started.set()
+            assert release.wait(10)
+            return create(*args, **kwargs)
+        sessions.create = slow_create
+        results = []
+
+        def use_a():
+            with cache.use("a") as model:
+                results.append(model.run(None, {"x": xa})[0])
+        thread = threading.Thread(target=use_a)
+        thread.start()
+        try:
+            assert started.wait(10)
+            done = threading.Event()
+
+            def use_b():
+                with cache.use("b") as model:
+                    results.append(model.run(None, {"x": xb})[0])
+                done.set()
+            threading.Thread(target=use_b, daemon=True).start()
+            assert done.wait(5), "b's run waited for a's session to be made"
+        finally:
+            release.set()
+            thread.join(10)
+        np.testing.assert_allclose(results[0], yb, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(results[1], ya, rtol=RTOL, atol=ATOL)
+        assert cache.info("a").details["session_device_bytes"] == measured
+        assert cache.stats()["onnxruntime.sessions.created"] == 3
+
+
 def test_a_failed_warm_up_run_is_reported_and_the_model_still_serves(tmp_path):
     path, x, y = _mlp(tmp_path, 256, 1)
     with mc.ModelCache(monitor=mc.SimulatedDevice("64MiB"), reserve=0, watch_interval=None) as cache:
