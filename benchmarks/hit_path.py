@@ -1,5 +1,5 @@
-"""Cost of a cache hit: ``with cache.use(name)`` on a resident model, next to a plain dict lookup
-(``with nullcontext(models[name])``) measured in the same run.
+"""Cost of a cache hit: ``with cache.use(name)`` and ``async with cache.ause(name)`` on a resident
+model, next to a plain dict lookup (``with nullcontext(models[name])``) measured in the same run.
 
     python benchmarks/hit_path.py [--models 20] [--rounds 200] [--batch 1000] [--threads 1]
 
@@ -9,6 +9,7 @@ the ratio to the baseline. Goal: <= 20 us per hit on a 2-core machine.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import platform
@@ -58,6 +59,20 @@ def main() -> None:
             with contextlib.nullcontext(models[names[i % len(names)]]) as model:
                 model.nbytes
 
+    async def ahits(n: int) -> None:
+        for i in range(n):
+            async with cache.ause(names[i % len(names)]) as model:
+                model.nbytes
+
+    async def abaseline_hits(n: int) -> None:
+        for i in range(n):
+            async with contextlib.nullcontext(models[names[i % len(names)]]) as model:   # type: ignore[attr-defined]
+                model.nbytes
+
+    def on_loop(coro_fn):
+        loop = asyncio.new_event_loop()
+        return lambda n: loop.run_until_complete(coro_fn(n))
+
     def run(fn):
         if args.threads == 1:
             return per_hit_us(fn, args.rounds, args.batch)
@@ -74,6 +89,8 @@ def main() -> None:
     cached(10_000), baseline(10_000)  # warm up
     base = run(baseline)
     hit = run(cached)
+    abase = per_hit_us(on_loop(abaseline_hits), args.rounds, args.batch)
+    ahit = per_hit_us(on_loop(ahits), args.rounds, args.batch)
     stats = cache.stats()
     assert stats["misses"] == 0 and stats["hits"] >= args.rounds * args.batch
     cache.close()
@@ -83,6 +100,10 @@ def main() -> None:
     print(f"dict lookup + nullcontext : median {b:7.3f} us per hit (p95 {sorted(base)[int(.95 * len(base))]:.3f})")
     print(f"cache.use() hit           : median {h:7.3f} us per hit (p95 {sorted(hit)[int(.95 * len(hit))]:.3f})")
     print(f"ratio cache/dict          : {h / b:7.1f} x;  goal <= 20 us per hit: {'met' if h <= 20 else 'NOT met'}")
+    ab, ah = statistics.median(abase), statistics.median(ahit)
+    print(f"async nullcontext         : median {ab:7.3f} us per hit")
+    print(f"cache.ause() hit          : median {ah:7.3f} us per hit (p95 {sorted(ahit)[int(.95 * len(ahit))]:.3f}); "
+          f"goal <= 20 us: {'met' if ah <= 20 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ demand, with device memory readings (NVML, or a simulated device) deciding what 
 
 Importing this package needs none of the heavy optional packages (onnxruntime, tensorrt,
 cuda-python, nvidia-ml-py): backends and devices import them when first used. The command-line
-tools live in ``modelcache.tools`` (not imported here).
+tools live in ``modelcache.tools``, Prometheus metrics in ``modelcache.metrics`` (neither imported
+here).
 """
 from .backends import Backend, BackendContext, Handle, register_backend
 from .cache import ModelCache
+from .events import EVENTS, Event
 from .lease import Lease
 from .errors import (BackendError, CacheClosedError, ConfigError, CorruptFileError, DeviceBusyError,
                      DeviceOutOfMemoryError, DuplicateModelError, EngineBuildError, EngineCompatibilityError,
@@ -29,7 +31,7 @@ from .tiers import EntryInfo, Tier
 __version__ = "0.1.0"
 
 __all__ = [
-    "ModelCache", "Lease", "Tier", "EntryInfo",
+    "ModelCache", "Lease", "Tier", "EntryInfo", "Event", "EVENTS",
     "Backend", "BackendContext", "Handle", "register_backend",
     "DeviceMonitor", "MemoryReading", "NvmlMonitor", "HostMonitor", "SimulatedDevice",
     "Policy", "Candidate", "LRUPolicy", "LFUPolicy", "CostPolicy",

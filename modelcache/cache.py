@@ -13,8 +13,6 @@ ask for it.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -23,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 from . import closing, decorators
 from ._fileio import atomic_write
@@ -32,9 +30,10 @@ from .config import check_timeout, resolve
 from .devices import DeviceMonitor
 from .errors import (BackendError, CacheClosedError, ConfigError, DeviceBusyError, DuplicateModelError,
                      LeaseTimeoutError, LoaderError, ModelCacheError, ModelInUseError, ModelNotFoundError)
+from .events import Event, Events
 from .lease import Lease
 from .ledger import Entry, Ledger, Reservation
-from .moves import Mover, call_loader, make_deadline, release_quietly, time_left
+from .moves import Mover, Request, call_loader, release_quietly
 from .policies import Policy
 from .sizes import Size, format_bytes, parse_size
 from .stats import Recorder, stats_of, status_of
@@ -92,6 +91,7 @@ class ModelCache:
         self._closed = False
         self._record = Recorder()
         self._policy_on_use = type(self.policy).on_use is not Policy.on_use
+        self._events = Events()
         self._moves = Mover(self)
         self._executor = ThreadPoolExecutor(max_workers=s.prefetch_workers, thread_name_prefix="modelcache-prefetch")
         self._watcher = Watcher(self.check_pressure, watch_interval) if watch_interval else None
@@ -134,7 +134,7 @@ class ModelCache:
 
     def unregister(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT) -> None:
         """Forget ``name`` and free everything it holds. Raises :class:`ModelInUseError` if leased."""
-        deadline = make_deadline(timeout)
+        request = Request(timeout)
         while True:
             with self._cond:
                 entry = self._get(name)
@@ -148,9 +148,15 @@ class ModelCache:
                     self._cond.notify_all()
                     break
                 moving = entry.moving
-            self._wait_move(entry, moving, deadline, timeout, up=False)
+            self._wait_move(entry, moving, request, up=False)
         if handle is not None and entry.backend is not None:
             release_quietly(entry.backend, handle)
+
+    def on(self, event: str, hook: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``hook(Event)`` after every ``event``: ``"load"``, ``"swap_in"``, ``"eviction"``,
+        ``"demotion"`` or ``"error"`` (outside the cache's lock; a hook that raises is logged and
+        skipped). Returns a function that removes the hook."""
+        return self._events.on(event, hook)
 
     # ------------------------------------------------------------------ the request path
     def use(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT, *, allow_host: bool = False) -> Lease:
@@ -164,40 +170,44 @@ class ModelCache:
             timeout = check_timeout(timeout, name)        # raises ConfigError naming the value
         return Lease(self, name, timeout, allow_host)
 
-    @contextlib.asynccontextmanager
-    async def ause(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT, *,
-                   allow_host: bool = False) -> AsyncIterator[Any]:
-        """``async with cache.ause(name) as model``: :meth:`use` without blocking the event loop."""
-        lease = self.use(name, timeout, allow_host=allow_host)
-        task = asyncio.get_running_loop().run_in_executor(None, lease.acquire)
-        try:
-            model = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(lambda _: lease.release())
-            raise
-        try:
-            yield model
-        finally:
-            lease.release()
+    def ause(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT, *, allow_host: bool = False) -> Lease:
+        """``async with cache.ause(name) as model``: :meth:`use` for async code (a :class:`Lease`
+        works with ``with`` and ``async with`` alike). A hit is served on the event loop at once;
+        a miss waits on the cache's own worker threads, never the loop's default executor, and a
+        cancelled request gives its place in line back at once. Run the model itself off the loop
+        (``await asyncio.to_thread(model.run, ...)``, or a thread pool of your own)."""
+        return self.use(name, timeout, allow_host=allow_host)
 
-    def _acquire(self, name: str, timeout: Optional[float], *, lease: bool,
-                 target: Tier = Tier.DEVICE, allow_host: bool = False) -> Tuple[Entry, Any, bool, bool]:
+    def _acquire(self, name: str, timeout: Optional[float], *, lease: bool, target: Tier = Tier.DEVICE,
+                 allow_host: bool = False, request: Optional[Request] = None) -> Tuple[Entry, Any, bool, bool]:
         """Bring ``name`` up to ``target``; with ``lease``, hold it there and return the model,
         whether it was a hit and whether it waited for room."""
         with self._cond:                                                    # resident: a hit
             entry = self._get(name)
             if entry.tier <= target and entry.moving is None:
                 return entry, self._hand_out(entry, lease, hit=True), True, False
-        ticket: List[Any] = []                      # [its place in line, since when] once it waits for room
+        request = request or Request(timeout)
         try:
-            entry, model, hit = self._make_resident(name, make_deadline(timeout), timeout, lease, target,
-                                                    allow_host, ticket)
-            return entry, model, hit, bool(ticket)
+            entry, model, hit = self._make_resident(name, request, lease, target, allow_host)
+            return entry, model, hit, request.place is not None
         finally:
-            if ticket:
-                with self._cond:
-                    if self._ledger.leave_line(ticket[0]):
-                        self._cond.notify_all()
+            self._leave_line(request)
+
+    def _try_hit(self, name: str) -> Optional[Tuple[Entry, Any]]:
+        """A lease on ``name`` if it is resident now (never waits beyond the lock), else None."""
+        with self._cond:
+            entry = self._get(name)
+            if entry.tier is Tier.DEVICE and entry.moving is None:
+                return entry, self._hand_out(entry, True, hit=True)
+        return None
+
+    def _leave_line(self, request: Request, *, wake: bool = False) -> None:
+        """``request`` gives its place in the line for room back (if it has one); ``wake``: wake
+        its thread too (its caller gave up)."""
+        if request.place is not None or wake:
+            with self._cond:
+                if request.place is not None and self._ledger.leave_line(request.place) or wake:
+                    self._cond.notify_all()
 
     def _hand_out(self, entry: Entry, lease: bool, hit: bool, held: bool = False) -> Any:
         """Lock held, ``entry`` resident: with ``lease``, one more lease on it (``held``: its swap-in
@@ -213,14 +223,15 @@ class ModelCache:
         assert entry.handle is not None and entry.backend is not None
         return entry.backend.model(entry.handle)
 
-    def _make_resident(self, name: str, deadline: Optional[float], timeout: Optional[float], lease: bool,
-                       target: Tier, allow_host: bool, ticket: List[Any]) -> Tuple[Entry, Any, bool]:
+    def _make_resident(self, name: str, request: Request, lease: bool, target: Tier,
+                       allow_host: bool) -> Tuple[Entry, Any, bool]:
         """The miss path: one step at a time until ``name`` is resident (lock released during each)."""
         missed = False
         # a swap-in this request starts commits holding its lease ("held"), so nothing evicts the
         # model before the request takes it; a request that gave up ("abandoned") hands it back
         claim = ["wanted" if lease else "none"]
         while True:
+            request.check()                       # an async caller that gave up
             with self._cond:
                 entry = self._get(name)
                 if claim[0] == "held":            # its swap-in committed holding this request's lease
@@ -240,16 +251,16 @@ class ModelCache:
                 if moving is not None:                                      # someone else is moving it
                     up = entry.moving_to is not None and entry.moving_to < entry.tier
                 elif entry.tier is Tier.HOST:                               # host -> device: make room
-                    reservation = self._plan_swap_in(entry, deadline, timeout, ticket)
+                    reservation = self._plan_swap_in(entry, request)
                     if reservation is None:
                         continue                                            # waited for room; look again
                 else:                                                       # disk/unloaded -> host
                     self._moves.begin_locked(entry, Tier.HOST)
             if moving is not None:
-                self._wait_move(entry, moving, deadline, timeout, up=up)
+                self._wait_move(entry, moving, request, up=up)
             elif reservation is not None:
                 try:
-                    self._moves.run(lambda: self._swap_in(entry, reservation, claim), entry, deadline, timeout)
+                    self._moves.run(lambda: self._swap_in(entry, reservation, claim), entry, request)
                 except BaseException:
                     with self._cond:
                         if claim[0] == "held":     # committed, but this request is gone: give it back
@@ -258,10 +269,10 @@ class ModelCache:
                         claim[0] = "abandoned"
                     raise
             else:
-                self._moves.run(lambda: self._step_up_then_settle(entry, target), entry, deadline, timeout)
+                self._moves.run(lambda: self._step_up_then_settle(entry, target, request.loop), entry, request)
 
-    def _step_up_then_settle(self, entry: Entry, target: Tier) -> None:
-        self._step_up(entry)
+    def _step_up_then_settle(self, entry: Entry, target: Tier, loop: Any = None) -> None:
+        self._step_up(entry, loop)
         if entry.tier is Tier.DEVICE:   # the loader's result was already on the device
             self._moves.relieve(exclude=entry, measured=True)
         elif target is not Tier.DEVICE:  # else the swap-in settles the host tier
@@ -295,21 +306,19 @@ class ModelCache:
             if self._waiting or self._closed:
                 self._cond.notify_all()
 
-    def _wait_move(self, entry: Entry, moving: Future, deadline: Optional[float],
-                   timeout: Optional[float], *, up: bool) -> None:
+    def _wait_move(self, entry: Entry, moving: Future, request: Request, *, up: bool) -> None:
         """Wait for another thread's move of ``entry``; re-raise its error if it was bringing the
         model up (the request would have needed that load), ignore it otherwise."""
         try:
-            moving.result(timeout=time_left(deadline))
+            request.result(moving)
         except FutureTimeout:
-            raise LeaseTimeoutError(f"timed out after {timeout} s waiting for its move to "
+            raise LeaseTimeoutError(f"timed out after {request.timeout} s waiting for its move to "
                                     f"{entry.moving_to} to finish", model=entry.name) from None
         except ModelCacheError:
             if up:
                 raise
 
-    def _plan_swap_in(self, entry: Entry, deadline: Optional[float], timeout: Optional[float],
-                      ticket: List[Any]) -> Optional[Reservation]:
+    def _plan_swap_in(self, entry: Entry, request: Request) -> Optional[Reservation]:
         """Lock held: reserve device room for ``entry`` and pick victims, or wait (lock released
         meanwhile) and return None. While older requests wait for room, this one lines up behind
         them. Raises ModelTooLargeError / DeviceBusyError."""
@@ -317,23 +326,23 @@ class ModelCache:
         need = entry.need() or 0
         ledger.check_fits(entry.name, need)
         victims = None
-        place = ticket[0] if ticket else None
+        place = request.place
         if ledger.first_in_line(place) and (self.max_swap_ins is None
                                              or len(ledger.reservations) < self.max_swap_ins):
-            waited_s = time.monotonic() - ticket[1] if ticket else 0.0
-            victims = ledger.choose_victims(need, entry, self.monitor.free_bytes(), waited_s)
+            victims = ledger.choose_victims(need, entry, self.monitor.free_bytes(), request.waited_s())
         if victims is None:                         # no room yet, no swap-in slot, or older requests first
-            if not ticket:
-                ticket.extend((object(), time.monotonic()))     # a place in line, and since when
-            ahead = ledger.wait_in_line(ticket[0])
-            remaining = time_left(deadline)
+            request.check()                         # gave up: no place in line again
+            if request.place is None:
+                request.place, request.since = object(), time.monotonic()
+            ahead = ledger.wait_in_line(request.place)
+            remaining = request.left()
             if remaining is not None and remaining <= 0:
                 self._record.incr("errors.busy")
-                raise DeviceBusyError(ledger.busy_reason(need, timeout, self.monitor.free_bytes(),
+                raise DeviceBusyError(ledger.busy_reason(need, request.timeout, self.monitor.free_bytes(),
                                                          self.max_swap_ins, ahead), model=entry.name)
             self._record.incr("waits.room")
             self._waiting += 1
-            try:  # woken by a release or a finished move; re-read the monitor at least every 50 ms
+            try:  # woken by a release, a finished move or a cancel; re-read the monitor at least every 50 ms
                 self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
             finally:
                 self._waiting -= 1
@@ -377,6 +386,7 @@ class ModelCache:
                 claim[0] = "held"
             self._moves.end_locked(entry)
             over = self._ledger.accounted_bytes() > self.device_budget_bytes
+        self._events.emit("swap_in", entry.name, Tier.HOST, Tier.DEVICE, entry.device_bytes, seconds)
         if entry.removed:      # unregistered or closed meanwhile: free what the move made
             release_quietly(entry.backend, entry.handle)
             return
@@ -385,10 +395,11 @@ class ModelCache:
             self._moves.relieve(exclude=entry, measured=True)
 
     # ------------------------------------------------------------------ moves (lock not held)
-    def _step_up(self, entry: Entry) -> None:
-        """Disk -> host, or unloaded -> host through the loader. ``entry.moving`` is set. A disk
-        file that cannot be read back (damaged, truncated, deleted) is dropped and the loader runs
-        again, with a log line and ``info().last_error`` saying so."""
+    def _step_up(self, entry: Entry, loop: Any = None) -> None:
+        """Disk -> host, or unloaded -> host through the loader (an async one awaited on ``loop``,
+        the requester's event loop, if given). ``entry.moving`` is set. A disk file that cannot be
+        read back (damaged, truncated, deleted) is dropped and the loader runs again, with a log
+        line and ``info().last_error`` saying so."""
         start = time.perf_counter()
         handle, kind = entry.handle, "from_disk"
         try:
@@ -401,7 +412,7 @@ class ModelCache:
                     handle = None
             if handle is None:
                 kind = "load"
-                handle = self._load(entry)
+                handle = self._load(entry, loop)
         except BaseException as exc:
             loading = kind == "load"
             self._moves.fail(entry, exc, "loading" if loading else "reading it from disk",
@@ -414,12 +425,14 @@ class ModelCache:
             if not entry.removed:          # else unregistered or closed meanwhile: freed below
                 entry.handle, entry.tier = handle, handle.tier
             self._moves.end_locked(entry)
+        self._events.emit("load", entry.name, "unloaded" if kind == "load" else "disk", handle.tier,
+                          handle.host_bytes or handle.device_bytes, seconds)
         if entry.removed and entry.backend is not None:
             release_quietly(entry.backend, handle)
 
-    def _load(self, entry: Entry) -> Handle:
+    def _load(self, entry: Entry, loop: Any = None) -> Handle:
         try:
-            value = call_loader(entry.loader)
+            value = call_loader(entry.loader, loop)
         except Exception as exc:          # KeyboardInterrupt, SystemExit... propagate (Mover.fail)
             raise LoaderError(f"the loader raised {type(exc).__name__}: {exc}", model=entry.name) from exc
         finally:
@@ -462,31 +475,7 @@ class ModelCache:
     def evict(self, name: str, tier: Tier = Tier.HOST, timeout: Optional[float] = _DEFAULT_TIMEOUT) -> EntryInfo:
         """Move ``name`` down to ``tier`` (HOST, DISK or UNLOADED) now; a model already at or below
         it stays. Raises :class:`ModelInUseError` while leased."""
-        tier = Tier(tier)
-        if tier is Tier.DEVICE:
-            raise ConfigError("evict(tier=Tier.DEVICE) is not a move down; use prefetch()", model=name)
-        if tier is Tier.DISK and self.disk_dir is None:
-            raise ConfigError("evict(tier=Tier.DISK) needs the cache's disk_dir", model=name)
-        deadline = make_deadline(timeout)
-        while True:
-            with self._cond:
-                entry = self._get(name)
-                moving = entry.moving
-                if moving is None:
-                    if entry.tier >= tier:
-                        return entry.snapshot()
-                    if entry.leases:
-                        raise ModelInUseError(f"cannot evict: {entry.leases} lease(s) held", model=name)
-                    if tier is Tier.DISK and not (entry.backend and entry.backend.supports_disk):
-                        raise ConfigError(f"the {entry.backend and entry.backend.name} backend has no "
-                                          f"disk tier", model=name)
-                    self._moves.begin_locked(entry, tier)
-            if moving is not None:
-                self._wait_move(entry, moving, deadline, timeout, up=False)
-                continue
-            self._moves.down(entry, "explicit")
-            self._moves.settle_host()
-            return self.info(name)
+        return self._moves.evict(name, Tier(tier), Request(timeout))
 
     def info(self, name: str) -> EntryInfo:
         """A snapshot of ``name``'s state."""
@@ -542,16 +531,21 @@ class ModelCache:
         return decorators.model(self, name, backend, size_hint, pinned, options)
 
     def multiplexed(self, *, backend: Union[str, Type[Backend]] = "auto", prefix: str = "",
-                    size_hint: Optional[Size] = None, **options: Any
+                    size_hint: Optional[Size] = None, pinned: bool = False, max_models: Optional[int] = None,
+                    check_id: decorators.IdCheck = None, **options: Any
                     ) -> Callable[[Callable[[str], Any]], Callable[..., Lease]]:
         """One loader for many model ids (as Ray Serve's multiplexing): ``load(model_id)`` registers
-        ``prefix + model_id`` on first call and returns a lease on it::
+        ``prefix + model_id`` on first call and returns a lease on it (``with`` or ``async with``)::
 
-            @cache.multiplexed(backend="onnxruntime")
-            def load(model_id): return f"models/{model_id}.onnx"
-            with load("en-v2") as session: ...
-        """
-        return decorators.multiplexed(self, backend, prefix, size_hint, options)
+            @cache.multiplexed(backend="onnxruntime", max_models=8)
+            async def load(model_id): return f"models/{model_id}.onnx"
+            async with load("en-v2") as session: ...
+
+        ``max_models``: beyond this many ids, the least recently used unleased one is unregistered.
+        ``check_id``: a regular expression an id must match whole, or a callable returning whether
+        it is accepted; the default refuses path separators, ``..`` and NUL (ids often become paths).
+        Arguments are checked when decorating."""
+        return decorators.multiplexed(self, backend, prefix, size_hint, pinned, max_models, check_id, options)
 
     # ------------------------------------------------------------------ helpers
     def _get(self, name: str) -> Entry:

@@ -1,12 +1,15 @@
 """A lease: a model held resident on the device while it is held (``ModelCache.use``)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import ModelCacheError
+from .moves import Request
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import ModelCache
@@ -17,7 +20,8 @@ logger = logging.getLogger("modelcache")
 
 class Lease:
     """A model held resident on the device while the lease is held. Use as a context manager
-    (``with cache.use(name) as model``) or call :meth:`acquire` and :meth:`release`.
+    (``with cache.use(name) as model``, or ``async with`` in async code) or call :meth:`acquire`
+    (:meth:`aacquire`) and :meth:`release`.
 
     Thread-safe: of two threads acquiring one lease, one gets it and the other an error; a release
     gives back what one acquire took, however often it is called. A lease garbage-collected while
@@ -52,6 +56,48 @@ class Lease:
         self._entry = entry
         return self._model
 
+    async def aacquire(self) -> Any:
+        """:meth:`acquire` for async code: a hit is served here at once; otherwise the cache's
+        worker threads wait (never the event loop's default executor) while this awaits them.
+        Cancelled, the request gives its place in line back at once; a move it started goes on
+        for a later request."""
+        if not self._lock.acquire(blocking=False):
+            raise ModelCacheError("this lease is already held (or being acquired); release it first", model=self.name)
+        try:
+            got = self._cache._try_hit(self.name)
+            if got is not None:
+                entry, self._model = got
+                self.hit, self.waited = True, False
+            else:
+                entry, self._model, self.hit, self.waited = await self._wait_for_it()
+        except BaseException:
+            self._lock.release()
+            raise
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "__aenter__":
+            caller = caller.f_back or caller
+        self._where = (caller.f_code, caller.f_lineno)
+        self._entry = entry
+        return self._model
+
+    async def _wait_for_it(self) -> Any:
+        cache = self._cache
+        request = Request(self.timeout, threading.Event(), asyncio.get_running_loop())
+        future = cache._moves.workers.submit(
+            lambda: cache._acquire(self.name, self.timeout, lease=True, allow_host=self.allow_host, request=request))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            assert request.cancelled is not None
+            request.cancelled.set()
+            cache._leave_line(request, wake=True)
+
+            def give_back(done: "Future[Any]") -> None:   # acquired after all: released at once
+                if not done.cancelled() and done.exception() is None:
+                    cache._release(done.result()[0])
+            future.add_done_callback(give_back)
+            raise
+
     def release(self) -> None:
         """Give the lease back (idempotent)."""
         entry, self._entry, self._model = self._entry, None, None
@@ -83,6 +129,12 @@ class Lease:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Any:
+        return await self.aacquire()
+
+    async def __aexit__(self, *exc: object) -> None:
         self.release()
 
     def __repr__(self) -> str:

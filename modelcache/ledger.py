@@ -25,7 +25,7 @@ class Entry:
     __slots__ = ("name", "loader", "backend_spec", "backend", "options", "pinned", "owner", "handle",
                  "tier", "moving", "moving_to", "evicting_for", "leases", "hits", "misses", "loads",
                  "uses", "tick", "last_used", "swap_in_seconds", "load_seconds", "last_error", "removed",
-                 "unpark_after")
+                 "unpark_after", "move_started")
 
     def __init__(self, name: str, loader: Any, backend_spec: Any, options: Dict[str, Any],
                  pinned: bool, owner: Any) -> None:
@@ -48,6 +48,7 @@ class Entry:
         self.last_error: Optional[str] = None
         self.removed = False
         self.unpark_after = False    # a victim whose kept device bytes go too (planner's choice)
+        self.move_started = 0.0      # perf_counter() when the move in flight began
 
     @property
     def device_bytes(self) -> int:

@@ -7,7 +7,9 @@ The way up (load, swap-in) is the request path and stays in ``cache.py``; both c
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import logging
 import queue
 import sys
@@ -15,18 +17,19 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional, TypeVar
 
 from .backends import Backend, Handle
 from .config import check_timeout
-from .errors import BackendError, ConfigError, LeaseTimeoutError, ModelCacheError
+from .errors import BackendError, ConfigError, LeaseTimeoutError, ModelCacheError, ModelInUseError
 from .ledger import Entry
-from .tiers import Tier
+from .tiers import EntryInfo, Tier
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import ModelCache
 
 logger = logging.getLogger("modelcache")
+T = TypeVar("T")
 
 
 class Mover:
@@ -38,6 +41,7 @@ class Mover:
         self._cond = cache._cond
         self._ledger = cache._ledger
         self._record = cache._record
+        self._events = cache._events
         self.workers = Workers("modelcache-move")
 
     # bookkeeping ---------------------------------------------------------------------------------
@@ -45,6 +49,7 @@ class Mover:
     def begin_locked(entry: Entry, target: Tier) -> None:
         entry.moving = Future()
         entry.moving_to = target
+        entry.move_started = time.perf_counter()
 
     def end_locked(self, entry: Entry, error: Optional[BaseException] = None) -> None:
         """Finish ``entry``'s move and wake its waiters (they get ``error`` if one is given)."""
@@ -67,10 +72,12 @@ class Mover:
         with self._cond:
             if counter is not None:
                 self._record.incr(counter)
+            source, target = entry.tier, entry.moving_to
             if undo is not None:
                 undo()
             self.end_locked(entry, error)
-        logger.warning("%s", error)
+        self._events.emit("error", entry.name, source, target, 0, time.perf_counter() - entry.move_started,
+                          reason=doing, error=error)
         if not isinstance(exc, Exception):      # KeyboardInterrupt, SystemExit: the caller gets it
             raise exc
         cause = cause if cause is not None else exc
@@ -78,13 +85,13 @@ class Mover:
             raise error
         raise error from cause
 
-    def run(self, move: Callable[[], None], entry: Entry, deadline: Optional[float],
-            timeout: Optional[float]) -> None:
-        """Run ``move`` (which ends ``entry``'s move): in this thread without a deadline; else on a
-        worker thread (see :class:`Workers`), waiting at most until the deadline. A move that outlasts it goes on (the
-        next request finds its result) and the caller gets :class:`LeaseTimeoutError` in time.
-        What the move raised is raised here, an interrupt (``KeyboardInterrupt``) too."""
-        if deadline is None:
+    def run(self, move: Callable[[], None], entry: Entry, request: Request) -> None:
+        """Run ``move`` (which ends ``entry``'s move): in this thread for a request without a
+        deadline; else on a worker thread (:class:`Workers`), waiting at most until the deadline. A
+        move that outlasts it goes on (the next request finds its result) and the caller gets
+        :class:`LeaseTimeoutError` in time. What the move raised is raised here, an interrupt
+        (``KeyboardInterrupt``) too; a request whose caller gave up gets :class:`Cancelled`."""
+        if request.deadline is None and request.cancelled is None:
             move()
             return
         moving = entry.moving
@@ -101,16 +108,18 @@ class Mover:
                 done.set()
         self.workers.start(body)
         try:
-            moving.result(timeout=time_left(deadline))
+            request.result(moving)
         except FutureTimeout:
-            raise LeaseTimeoutError(f"not ready after {timeout} s: its move goes on in the background, and a "
-                                    f"later request will find it done", model=entry.name) from None
+            raise LeaseTimeoutError(f"not ready after {request.timeout} s: its move goes on in the background, "
+                                    f"and a later request will find it done", model=entry.name) from None
+        except Cancelled:
+            raise
         except BaseException as waited:
             done.wait()
             if raised and raised[0] is not waited:   # an interrupt: here as itself, not as the waiters' error
                 raise raised[0]
             raise
-        done.wait(time_left(deadline))
+        done.wait(request.left())
         if raised and not isinstance(raised[0], Exception):
             raise raised[0]
 
@@ -132,6 +141,7 @@ class Mover:
         target = entry.moving_to
         assert entry.handle is not None and entry.backend is not None and target is not None
         backend, handle, record = entry.backend, entry.handle, self._record
+        source, freed = handle.tier, (handle.device_bytes if handle.tier is Tier.DEVICE else handle.host_bytes)
         try:
             if handle.tier is Tier.HOST and target is Tier.HOST:   # a parked model: free what it keeps
                 backend.unpark(handle)
@@ -172,8 +182,37 @@ class Mover:
             if entry.tier is Tier.UNLOADED:
                 entry.handle = None
             self.end_locked(entry)
+        self._events.emit("eviction" if source is Tier.DEVICE else "demotion", entry.name, source, handle.tier,
+                          freed, time.perf_counter() - entry.move_started, reason)
         if entry.removed and entry.handle is not None:     # unregistered or closed meanwhile
             release_quietly(backend, handle)
+
+    def evict(self, name: str, tier: Tier, request: "Request") -> EntryInfo:
+        """``ModelCache.evict``: wait for a move in flight, then move ``name`` down to ``tier``."""
+        cache = self._cache
+        if tier is Tier.DEVICE:
+            raise ConfigError("evict(tier=Tier.DEVICE) is not a move down; use prefetch()", model=name)
+        if tier is Tier.DISK and cache.disk_dir is None:
+            raise ConfigError("evict(tier=Tier.DISK) needs the cache's disk_dir", model=name)
+        while True:
+            with self._cond:
+                entry = cache._get(name)
+                moving = entry.moving
+                if moving is None:
+                    if entry.tier >= tier:
+                        return entry.snapshot()
+                    if entry.leases:
+                        raise ModelInUseError(f"cannot evict: {entry.leases} lease(s) held", model=name)
+                    if tier is Tier.DISK and not (entry.backend and entry.backend.supports_disk):
+                        raise ConfigError(f"the {entry.backend and entry.backend.name} backend has no "
+                                          f"disk tier", model=name)
+                    self.begin_locked(entry, tier)
+            if moving is not None:
+                cache._wait_move(entry, moving, request, up=False)
+                continue
+            self.down(entry, "explicit")
+            self.settle_host()
+            return cache.info(name)
 
     def all_down(self, victims: List[Entry], reason: str) -> int:
         """Move each victim down (its target set by the planner); returns how many moved. A
@@ -231,12 +270,56 @@ def wrap(entry: Entry, exc: BaseException, doing: str) -> ModelCacheError:
     return BackendError(f"{type(exc).__name__} while {doing}: {exc}", model=entry.name)
 
 
-def call_loader(loader: Any) -> Any:
-    """A loader is called if callable (torch modules and tensors count as values), else returned."""
+def call_loader(loader: Any, loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
+    """A loader is called if callable (torch modules and tensors count as values), else returned;
+    what an ``async def`` loader returns is awaited (see :func:`run_awaitable`)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(loader, (torch.nn.Module, torch.Tensor)):
         return loader
-    return loader() if callable(loader) else loader
+    value = loader() if callable(loader) else loader
+    return run_awaitable(value, loop) if inspect.isawaitable(value) else value
+
+
+def run_awaitable(awaitable: Any, loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
+    """Await ``awaitable`` from a thread that is not async: on ``loop`` (the event loop of the
+    request that started the load) while it runs in another thread, so that the loader may use
+    that loop's resources; else on a new loop in this thread; else (this thread runs a loop: a
+    synchronous ``use()`` called from async code) on a new loop in a thread of its own."""
+    async def wrapped() -> Any:
+        return await awaitable
+    if loop is not None and loop.is_running() and not _runs_here(loop):
+        return asyncio.run_coroutine_threadsafe(wrapped(), loop).result()
+    if not _loop_runs_here():
+        return asyncio.run(wrapped())
+    out: List[Any] = []
+
+    def apart() -> None:
+        try:
+            out.append((True, asyncio.run(wrapped())))
+        except BaseException as exc:            # re-raised in the caller's thread
+            out.append((False, exc))
+    thread = threading.Thread(target=apart, name="modelcache-async-loader", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _loop_runs_here() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _runs_here(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def release_quietly(backend: Backend, handle: Handle) -> None:
@@ -244,6 +327,54 @@ def release_quietly(backend: Backend, handle: Handle) -> None:
         backend.release(handle)
     except Exception:
         logger.exception("modelcache: releasing %r failed", handle.name)
+
+
+class Cancelled(Exception):
+    """Raised in the thread acquiring for an async request whose caller gave up (cancelled): its
+    place in line is given back; a move it started goes on for the next request."""
+
+
+class Request:
+    """One acquisition's waiting state: its timeout and deadline, its place in the line for room
+    (and since when), and, for an async request, the event its caller sets on giving up."""
+
+    __slots__ = ("timeout", "deadline", "place", "since", "cancelled", "loop")
+
+    def __init__(self, timeout: Optional[float], cancelled: Optional[threading.Event] = None,
+                 loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        self.timeout = timeout
+        self.loop = loop                      #: the requester's event loop: async loaders are awaited on it
+        self.deadline = make_deadline(timeout)
+        self.place: Optional[object] = None   #: its place in the line for room, once it waits
+        self.since = 0.0                      #: monotonic time it started waiting for room
+        self.cancelled = cancelled
+
+    def left(self) -> Optional[float]:
+        """Seconds until the deadline (None: no deadline)."""
+        return time_left(self.deadline)
+
+    def waited_s(self) -> float:
+        """Seconds it has waited for room so far."""
+        return time.monotonic() - self.since if self.place is not None else 0.0
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` if the caller gave up."""
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise Cancelled()
+
+    def result(self, future: "Future[Any]") -> Any:
+        """``future.result()`` until the deadline (``FutureTimeout`` after it); an async request
+        looks every 50 ms whether its caller gave up."""
+        if self.cancelled is None:
+            return future.result(timeout=self.left())
+        while True:
+            self.check()
+            left = self.left()
+            try:
+                return future.result(timeout=0.05 if left is None else min(left, 0.05))
+            except FutureTimeout:
+                if left is not None and left <= 0.05:
+                    raise
 
 
 def make_deadline(timeout: Optional[float]) -> Optional[float]:
@@ -282,6 +413,20 @@ class Workers:
             inbox = queue.SimpleQueue()
             threading.Thread(target=self._loop, args=(inbox,), name=f"{self._label}-{number}", daemon=True).start()
         inbox.put(job)
+
+    def submit(self, fn: Callable[[], T]) -> "Future[T]":
+        """Run ``fn`` on a worker; its result or error through the returned Future."""
+        future: "Future[T]" = Future()
+
+        def job() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:         # the Future's holder gets it
+                future.set_exception(exc)
+        self.start(job)
+        return future
 
     def _loop(self, inbox: "queue.SimpleQueue[Optional[Callable[[], None]]]") -> None:
         while True:

@@ -1,5 +1,8 @@
 """Moves down the tiers: explicit evictions, the disk tier, the host budget, unregister and close."""
+import logging
 import os
+import threading
+import time
 
 import pytest
 
@@ -94,6 +97,53 @@ def test_unregister_frees_everything(make_cache, device, tmp_path):
     assert len(cache) == 0 and device.process_bytes() == 0 and not os.path.exists(path)
     with pytest.raises(mc.ModelNotFoundError):
         cache.unregister("a")
+
+
+def test_close_drains_held_leases_then_frees(device, caplog):
+    """close(timeout): new requests get CacheClosedError at once; a lease held meanwhile keeps a
+    working model until its holder releases it; then the models are freed. Past the timeout a
+    warning names the leases still held."""
+    cache = mc.ModelCache(monitor=device, device_budget=400, reserve=0, watch_interval=None)
+    cache.register("a", array_loader(1))
+    cache.register("b", array_loader(2))
+    holding, release, seen = threading.Event(), threading.Event(), []
+
+    def holder():
+        with cache.use("a") as model:
+            holding.set()
+            release.wait(5)
+            seen.append(int(model.sum()))        # still the model's own bytes while closing
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert holding.wait(5)
+    closer = threading.Thread(target=cache.close, kwargs={"timeout": 10})
+    start = time.monotonic()
+    closer.start()
+    while not cache._closed:
+        time.sleep(0.001)
+    for name in ("a", "b"):
+        t0 = time.monotonic()
+        with pytest.raises(mc.CacheClosedError):
+            cache.use(name).acquire()
+        assert time.monotonic() - t0 < 0.1        # at once, not after the drain
+    time.sleep(0.2)
+    assert closer.is_alive() and device.process_bytes() == 100     # waiting for the lease
+    release.set()
+    thread.join(5)
+    closer.join(5)
+    assert seen == [100] and not closer.is_alive() and time.monotonic() - start >= 0.2
+    assert device.process_bytes() == 0
+
+    cache = mc.ModelCache(monitor=device, device_budget=400, reserve=0, watch_interval=None)
+    cache.register("kept", array_loader(3))
+    lease = cache.use("kept")
+    lease.acquire()
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="modelcache"):
+        cache.close(timeout=0.2)
+    assert 0.2 <= time.monotonic() - start < 2
+    assert "'kept': 1" in caplog.text and "leases still held" in caplog.text
+    lease.release()
 
 
 def test_close_frees_and_refuses(device):
