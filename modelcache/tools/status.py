@@ -1,9 +1,10 @@
 """``modelcache status``: the GPUs as NVML sees them, and caches' entries."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+import json
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..errors import MonitorError
+from ..errors import ConfigError, CorruptFileError, MonitorError
 from ..sizes import format_bytes
 
 
@@ -38,8 +39,34 @@ def gpu_table() -> List[str]:
     return rows
 
 
-def cache_table(status: Dict[str, Any]) -> List[str]:
-    """A cache's entries from ``ModelCache.status()`` (or the JSON ``dump_status`` wrote)."""
+def read_status(path: str) -> Dict[str, Any]:
+    """The status JSON ``ModelCache.dump_status(path)`` wrote. Raises :class:`CorruptFileError`
+    naming the file when it is not JSON or not an object (``OSError`` when it cannot be read)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        status = json.loads(data)
+    except ValueError as exc:       # JSONDecodeError, UnicodeDecodeError
+        raise CorruptFileError(f"{path} is not valid JSON ({exc}); expected a file written by "
+                               f"ModelCache.dump_status(path)") from None
+    if not isinstance(status, dict):
+        raise CorruptFileError(f"{path} holds a JSON {type(status).__name__}, not the object "
+                               f"ModelCache.dump_status(path) writes")
+    return status
+
+
+def cache_table(status: Dict[str, Any], source: Optional[str] = None) -> List[str]:
+    """A cache's entries from ``ModelCache.status()`` (or the JSON ``dump_status`` wrote, read
+    from ``source``). Raises :class:`CorruptFileError` when a field is missing or of a wrong type."""
+    try:
+        return _cache_table(status)
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else f"a field of the wrong type ({exc})"
+        where = source if source is not None else "the status"
+        raise CorruptFileError(f"{where} is not a status written by ModelCache.dump_status(path): {what}") from None
+
+
+def _cache_table(status: Dict[str, Any]) -> List[str]:
     stats = status["stats"]
     rows = [f"cache on device {status['device']}, policy {status['policy']}: {stats['models']} models, "
             f"{format_bytes(stats['device.bytes'])} of a {format_bytes(stats['device.budget_bytes'])} budget on the "

@@ -182,7 +182,7 @@ def test_convert_command(tmp_path, onnx_path, capsys):
     assert cli_main(args) == 0
     assert "cache hit" in capsys.readouterr().out
     assert cli_main(["convert", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "plans"),
-                     "--trt-module", "tensorrt_rtx_bindings"]) == 1
+                     "--trt-module", "tensorrt_rtx_bindings"]) == 2     # a usage error: one line, exit 2
 
 
 def test_trtexec_shape_syntax():

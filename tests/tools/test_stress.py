@@ -90,7 +90,7 @@ def test_status_and_bench(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "weights" in out and "session" in out and "swap-in ms" in out
     assert "failed" not in out        # a failed variant still prints its mode: it must not pass for a result
-    assert cli_main(["bench", str(tmp_path / "missing.onnx"), "--simulate"]) == 1
+    assert cli_main(["bench", str(tmp_path / "missing.onnx"), "--simulate"]) == 2     # a usage error
 
 
 @pytest.mark.parametrize("kind", ["lru-count", "naive"])

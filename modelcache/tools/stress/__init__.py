@@ -4,6 +4,7 @@
 |---|---|
 | ``run.py`` | the run: configuration, the request threads, the report |
 | ``models.py`` | generated models (or the user's files) and the output check |
+| ``sizing.py`` | default model sizes and budget for the machine (scaled down when simulated) |
 | ``contenders.py`` | modelcache and the baselines (LRU by count, load per request) |
 | ``workload.py`` | request traces (Zipf, uniform, from a file) and Belady's offline optimum |
 | ``report.py`` | the table and the plot |

@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -56,7 +56,10 @@ class Contender:
 
 class ModelCacheContender(Contender):
     def __init__(self, policy: str, specs: Sequence[ModelSpec], monitor: DeviceMonitor, budget: int,
-                 reserve: int, max_swap_ins: Optional[int] = None, prepare: bool = True) -> None:
+                 reserve: int, max_swap_ins: Optional[int] = None, prepare: bool = True,
+                 progress: Optional[Callable[[str, int, int], None]] = None) -> None:
+        """Registers ``specs``, parks them on the host and (``prepare``) swaps each in once;
+        ``progress(name, done, total)`` counts those steps."""
         from ...cache import ModelCache
         self.name = f"modelcache-{policy}"
         self.cache = ModelCache(monitor=monitor, device_budget=budget, reserve=reserve, policy=policy,
@@ -68,13 +71,18 @@ class ModelCacheContender(Contender):
             options.update(mode="weights", verify=False, share_sizes=True)
         for spec in specs:
             self.cache.register(spec.name, spec.path, backend="onnxruntime", **options)
-        for fut in [self.cache.prefetch(spec.name, tier=Tier.HOST, timeout=None) for spec in specs]:
+        task, total = f"{self.name} setup", len(specs) * (2 if prepare else 1)
+        report = progress or (lambda name, done, total: None)
+        report(task, 0, total)
+        for k, fut in enumerate([self.cache.prefetch(spec.name, tier=Tier.HOST, timeout=None) for spec in specs]):
             fut.result()
+            report(task, k + 1, total)
         if prepare:     # as a service would at start: each model's first swap-in (its check) happens now
-            for spec in specs:
+            for k, spec in enumerate(specs):
                 with self.cache.use(spec.name, timeout=None):
                     pass
                 self.cache.evict(spec.name)
+                report(task, len(specs) + k + 1, total)
         self._prepared = self.cache.stats().get("onnxruntime.sessions.created", 0)
         super().__init__(monitor)     # the baseline: after parking every model on the host
 

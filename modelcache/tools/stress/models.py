@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -32,11 +32,11 @@ class ModelSpec:
 
 
 def generate_models(folder: str, count: int, min_bytes: int, max_bytes: int, layers: int = 4,
-                    seed: int = 0) -> List[ModelSpec]:
+                    seed: int = 0, progress: Optional[Callable[[str, int, int], None]] = None) -> List[ModelSpec]:
     """``count`` ONNX MLPs with weights spread log-uniformly over [min_bytes, max_bytes], saved with
     external data under ``folder`` (reused when already there), with a reference output each.
     The weights are written straight to the data file (no copy through protobuf): 40 models of
-    up to 1 GiB take seconds, not minutes."""
+    up to 1 GiB take seconds, not minutes. ``progress(name, done, count)`` after each model."""
     from onnx import TensorProto, helper
 
     os.makedirs(folder, exist_ok=True)
@@ -44,6 +44,8 @@ def generate_models(folder: str, count: int, min_bytes: int, max_bytes: int, lay
     lo, hi = math.log(max(min_bytes, 4096)), math.log(max(max_bytes, min_bytes, 4096))
     specs = []
     pool: Optional[np.ndarray] = None   # random floats; each weight matrix is a slice at a random offset
+    if progress:
+        progress("generating models", 0, count)
     for k in range(count):
         target = math.exp(rng.uniform(lo, hi)) if hi > lo else math.exp(lo)
         hidden = max(16, int(round(math.sqrt(target / 4 / layers) / 16)) * 16)
@@ -94,6 +96,8 @@ def generate_models(folder: str, count: int, min_bytes: int, max_bytes: int, lay
             np.savez(ref_path, x=x, y=h)
         ref = np.load(ref_path)
         specs.append(ModelSpec(name, path, layers * hidden * hidden * 4, {"x": ref["x"]}, ref["y"], f"mlp{hidden}"))
+        if progress:
+            progress("generating models", k + 1, count)
     return specs
 
 
@@ -130,10 +134,11 @@ def zoo_specs(folder: str, providers: Optional[List[Any]] = None) -> List[ModelS
     return specs_from_files(paths, [os.path.basename(p)[:-5].split("-ft")[0] for p in paths], providers)
 
 
-def family_specs(folder: str, count: int, seed: int = 0) -> List[ModelSpec]:
+def family_specs(folder: str, count: int, seed: int = 0,
+                 progress: Optional[Callable[[str, int, int], None]] = None) -> List[ModelSpec]:
     """``count`` generated models of distinct architectures and their fine-tunes (CPU builders of
     ``tools/families.py``: ResNet-, BERT- and MobileNet-like at a few widths), saved under
-    ``folder`` with a reference output each."""
+    ``folder`` with a reference output each. ``progress(name, done, count)`` after each model."""
     from ..families import make_bert, make_mobilenet, make_resnet, sample_input
     from ..generate import save_model
     import onnxruntime as ort
@@ -145,6 +150,8 @@ def family_specs(folder: str, count: int, seed: int = 0) -> List[ModelSpec]:
               ("mobilenet32", lambda s: make_mobilenet(width=32, blocks=2, image=32, seed=s))]
     os.makedirs(folder, exist_ok=True)
     specs = []
+    if progress:
+        progress("generating models", 0, count)
     for k in range(count):
         arch, build = shapes[k % len(shapes)]
         variant = k // len(shapes)
@@ -154,6 +161,8 @@ def family_specs(folder: str, count: int, seed: int = 0) -> List[ModelSpec]:
         y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)[0]
         nbytes = sum(int(np.prod(i.dims)) * 4 for i in model.graph.initializer if i.data_type == 1)
         specs.append(ModelSpec(f"{arch}-ft{variant}", path, nbytes, feed, y, arch))
+        if progress:
+            progress("generating models", k + 1, count)
     return specs
 
 

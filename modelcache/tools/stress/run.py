@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -36,14 +36,17 @@ from ...errors import ConfigError, DeviceOutOfMemoryError, ModelCacheError
 from ...sizes import Size, format_bytes, parse_size
 from .contenders import Contender, LruCountContender, ModelCacheContender, NaiveContender
 from .models import ModelSpec, family_specs, generate_models, output_ok, specs_from_files, zoo_specs
+from .sizing import resolve_sizes
 from .workload import belady_hits, make_trace, read_trace
 
 
 @dataclass
 class StressConfig:
-    models: int = 12
-    min_size: Size = "4MiB"
-    max_size: Size = "48MiB"
+    """A stress run. ``models``, ``min_size``, ``max_size`` and ``budget`` may be None: sized for the
+    machine (``sizing.resolve_sizes``: the documented GPU run, or scaled down when simulated)."""
+    models: Optional[int] = 12
+    min_size: Optional[Size] = "4MiB"
+    max_size: Optional[Size] = "48MiB"
     layers: int = 4
     model_files: Sequence[str] = ()
     families: int = 0               #: this many generated models of several architectures (CPU builders)
@@ -54,7 +57,7 @@ class StressConfig:
     zipf_s: float = 1.1
     requests: int = 2000
     threads: int = 4
-    budget: Size = "64MiB"
+    budget: Optional[Size] = "64MiB"
     reserve: Size = 0
     policies: Sequence[str] = ("lru", "lfu", "cost")
     baselines: Sequence[str] = ("lru-count", "naive")
@@ -180,6 +183,8 @@ def run_contender(contender: Contender, trace: Sequence[str], specs: Dict[str, M
             with lock:
                 done[0] += 1
 
+    if progress:
+        progress(contender.name, 0, n)
     sample_thread = threading.Thread(target=sampler, daemon=True)
     sample_thread.start()
     workers = [threading.Thread(target=worker) for _ in range(threads)]
@@ -210,29 +215,60 @@ def run_contender(contender: Contender, trace: Sequence[str], specs: Dict[str, M
 
 
 class Progress:
-    """A one-line progress bar on stderr (only on a terminal unless forced)."""
+    """Progress bars on stderr (tqdm: done/total, rate and ETA), one per task name; shown only on a
+    terminal unless ``force``. Call it as ``progress(name, done, total)``; a bar closes at total."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self._last = 0.0
+    def __init__(self, enabled: bool, *, force: bool = False, file: Optional[TextIO] = None) -> None:
+        self.file = file if file is not None else sys.stderr
+        self.enabled = enabled and (force or self.file.isatty())
+        self._bars: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._tqdm: Any = None
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:     # a dependency of modelcache's tools; without it, no bars
+                self.enabled = False
+            else:
+                self._tqdm = tqdm
 
-    def __call__(self, name: str, done: int, total: int) -> None:
+    def __call__(self, name: str, done: int, total: int, unit: str = "req") -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
-        if done < total and now - self._last < 0.2:
-            return
-        self._last = now
-        width = 30
-        filled = int(width * done / max(total, 1))
-        sys.stderr.write(f"\r{name:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        with self._lock:
+            bar = self._bars.get(name)
+            if bar is None:
+                bar = self._bars[name] = self._tqdm(total=total, desc=name, unit=unit, file=self.file,
+                                                    mininterval=0.2, dynamic_ncols=True, leave=True)
+            if done > bar.n:
+                bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+                del self._bars[name]
+
+    def unit(self, unit: str) -> Callable[[str, int, int], None]:
+        """This progress with another unit (e.g. ``"model"``)."""
+        return lambda name, done, total: self(name, done, total, unit)
+
+    def close(self) -> None:
+        """Close the bars still open (work that ended early)."""
+        with self._lock:
+            for bar in self._bars.values():
+                bar.close()
+            self._bars.clear()
 
 
 def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run every contender on one trace; returns the report (see ``report.py`` for printing)."""
+    """Run every contender on one trace; returns the report (see ``report.py`` for printing).
+    Progress bars (models generated, requests served) go to stderr."""
+    progress = Progress(config.progress)
+    try:
+        return _run_stress(config, log, progress)
+    finally:
+        progress.close()
+
+
+def _run_stress(config: StressConfig, log: Callable[[str], None], progress: Progress) -> Dict[str, Any]:
     reserve = parse_size(config.reserve, what="reserve")
     gpu_monitor: Optional[NvmlMonitor] = None
     if not config.simulate:
@@ -241,17 +277,21 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
         except ModelCacheError:
             gpu_monitor = None
     folder = config.models_dir or os.path.join(os.path.expanduser("~/.cache/modelcache"), "stress-models")
+    config, sizing = resolve_sizes(config, gpu_monitor is not None, folder)
+    if sizing:
+        log(sizing)
     start = time.perf_counter()
     gpu_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu_monitor is not None else None
     if config.zoo:
         specs = zoo_specs(config.zoo, gpu_providers)
     elif config.families:
-        specs = family_specs(folder, config.families, config.seed)
+        specs = family_specs(folder, config.families, config.seed, progress=progress.unit("model"))
     elif config.model_files:
         specs = specs_from_files(config.model_files, providers=gpu_providers)
     else:
         specs = generate_models(folder, config.models, parse_size(config.min_size, what="min_size"),
-                                parse_size(config.max_size, what="max_size"), config.layers, config.seed)
+                                parse_size(config.max_size, what="max_size"), config.layers, config.seed,
+                                progress=progress.unit("model"))
     gen_s = time.perf_counter() - start
     weights = sum(s.nbytes for s in specs)
     budget = int(weights * config.budget_of_weights) if config.budget_of_weights else \
@@ -278,7 +318,6 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
         f"{format_bytes(largest)} ({format_bytes(weights)} in all; ready in {gen_s:.1f} s); budget "
         f"{format_bytes(budget)}, reserve {format_bytes(reserve)}; {len(trace)} requests ({workload}) from "
         f"{config.threads} threads; lru-count keeps {count} models (budget // largest)")
-    progress = Progress(config.progress)
     results: Dict[str, Result] = {}
 
     def monitor() -> DeviceMonitor:
@@ -303,7 +342,7 @@ def run_stress(config: StressConfig, log: Callable[[str], None] = print) -> Dict
     for policy in config.policies:
         setup = time.perf_counter()
         contender = ModelCacheContender(policy, specs, monitor(), budget, reserve, config.max_swap_ins,
-                                        config.prepare)
+                                        config.prepare, progress=progress.unit("model"))
         log(f"  {contender.name}: {len(specs)} models parked on the host"
             f"{' and prepared on the device' if config.prepare else ''} in {time.perf_counter() - setup:.1f} s")
         try:
