@@ -297,6 +297,16 @@ class DeviceMemory(ABC):
         """The calling thread's stream, as an int for runtimes (0: the default stream)."""
         return 0
 
+    def device_context(self) -> "contextlib.AbstractContextManager[None]":
+        """A context manager: runtime work in the block (a run on the caller's thread) happens in
+        the device's own context, and the caller's context is current again afterwards (pycuda's
+        ``autoinit`` makes a context of its own). Nothing to do on a simulated device."""
+        return contextlib.nullcontext()
+
+    def check_pointer(self, ptr: int, what: str, model: Optional[str] = None) -> None:
+        """Raise :class:`ModelInputError` if the device buffer at ``ptr`` cannot be read by runs on
+        this device (allocated in another CUDA context); a simulated device accepts any."""
+
     @abstractmethod
     def new_host_pool(self) -> HostPool:
         """A pool of host blocks fit for fast copies to this device (pinned on a GPU)."""

@@ -5,18 +5,27 @@ Pinned host blocks (pooled: pinning runs at ~2 GB/s, so blocks are reused), devi
 asynchronous copies on a stream per thread. Everything uses the CUDA runtime API and therefore the
 device's primary context, which ONNX Runtime, torch and ``pycuda.autoprimaryctx`` share: pointers
 from any of them can be mixed.
+
+A thread may have another context current: ``pycuda.autoinit`` (and TensorRT samples built on it)
+make a context of their own with ``Device.make_context()``. Work modelcache does on such a thread
+switches to the primary context and gives the thread its own context back afterwards
+(:func:`in_primary_context`), so the service's pycuda calls keep working; device buffers of that
+other context cannot be bound as inputs (kernels of one context cannot read another's memory) and
+are refused with a :class:`ModelInputError` (:func:`check_pointer_context`).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import os
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, cast
 
 import numpy as np
 
-from ..errors import DeviceOutOfMemoryError, ModelCacheError
+from ..errors import DeviceOutOfMemoryError, ModelCacheError, ModelInputError
 from .base import Buffer, Charge, DeviceMemory, Runner, ThreadRunner
 from .host import HostBlock, HostPool
 
@@ -50,8 +59,109 @@ def check(result: Any, what: str, nbytes: Optional[int] = None) -> Any:
 
 
 def set_device(device: int) -> None:
+    """Make ``device``'s primary context current on the calling thread (replacing the context
+    that was current: see :func:`in_primary_context` to keep a caller's)."""
     rt = runtime()
     check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
+
+
+def driver() -> Any:
+    """The ``cuda.bindings.driver`` module (``cuda.cuda`` on older cuda-python)."""
+    try:
+        from cuda.bindings import driver as drv
+    except ImportError:
+        try:
+            from cuda import cuda as drv  # type: ignore[no-redef]
+        except ImportError as exc:
+            raise ModelCacheError("CUDA memory work needs cuda-python: pip install 'modelcache[cuda]'") from exc
+    return drv
+
+
+def check_driver(result: Any, what: str) -> Any:
+    """Unpack a cuda-python driver-API ``(err, *values)`` result; raise unless it succeeded."""
+    drv = driver()
+    err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    if err != drv.CUresult.CUDA_SUCCESS:
+        _, name = drv.cuGetErrorName(err)
+        raise ModelCacheError(f"{what} failed: {name.decode() if isinstance(name, bytes) else name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+_primary_contexts: Dict[int, int] = {}
+_primary_lock = threading.Lock()
+
+
+def primary_context(device: int) -> int:
+    """The handle of ``device``'s primary context (the runtime API's, shared with ONNX Runtime
+    and torch). Retained once for the life of the process, as the runtime itself keeps it."""
+    handle = _primary_contexts.get(device)
+    if handle is None:
+        with _primary_lock:
+            handle = _primary_contexts.get(device)
+            if handle is None:
+                drv = driver()
+                check_driver(drv.cuInit(0), "cuInit")
+                dev = check_driver(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
+                ctx = check_driver(drv.cuDevicePrimaryCtxRetain(dev), f"cuDevicePrimaryCtxRetain({device})")
+                handle = _primary_contexts[device] = as_int(ctx)
+    return handle
+
+
+@contextlib.contextmanager
+def in_primary_context(device: int) -> Iterator[None]:
+    """Run the block in ``device``'s primary context. If the calling thread had another context
+    current (``pycuda.autoinit``'s, or a primary context of another device), it is current
+    again afterwards, whatever the block did; a thread with no context, or with this one, costs
+    one ``cuCtxGetCurrent`` (about a microsecond)."""
+    drv = driver()
+    saved = check_driver(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    handle = as_int(saved) if saved is not None else 0
+    if not handle or handle == primary_context(device):
+        yield
+        return
+    set_device(device)
+    try:
+        yield
+    finally:
+        check_driver(drv.cuCtxSetCurrent(saved), "cuCtxSetCurrent (giving the caller its context back)")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _keeps_caller_context(method: F) -> F:
+    """Decorate a method of an object with a ``device`` attribute: it runs through
+    :func:`in_primary_context`."""
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with in_primary_context(self.device):
+            return method(self, *args, **kwargs)
+    return cast(F, wrapper)
+
+
+def check_pointer_context(ptr: int, device: int, what: str, model: Optional[str] = None) -> None:
+    """Refuse a device pointer allocated in another context than ``device``'s primary context
+    (e.g. by ``pycuda.driver.mem_alloc`` under ``pycuda.autoinit``): runtimes run in the
+    primary context, and a kernel there cannot read another context's memory. Pointers whose
+    context cannot be read (no driver, memory from a stream-ordered pool) pass."""
+    try:
+        drv = driver()
+        attribute = drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_CONTEXT
+        result = drv.cuPointerGetAttribute(attribute, ptr)
+        if result[0] != drv.CUresult.CUDA_SUCCESS:
+            return
+        owner = as_int(result[1]) if result[1] is not None else 0
+        primary = primary_context(device)
+    except (ModelCacheError, AttributeError, TypeError, ValueError):
+        return
+    if owner and owner != primary:
+        raise ModelInputError(
+            f"{what}: device buffer {ptr:#x} belongs to CUDA context {owner:#x}, not to device {device}'s primary "
+            f"context {primary:#x} where the model runs (pycuda.autoinit makes a context of its own): create "
+            f"the context with pycuda.autoprimaryctx (or Device.retain_primary_context()), or pass a host array",
+            model=model)
 
 
 def as_int(value: Any) -> int:
@@ -112,6 +222,11 @@ class DeviceBuffer(Buffer):
     def __init__(self, nbytes: int, device: int, stream: Optional["Stream"] = None,
                  streams: Optional["StreamPool"] = None) -> None:
         self._streams = streams
+        self.device = device
+        with in_primary_context(device):
+            self._allocate(nbytes, device, stream)
+
+    def _allocate(self, nbytes: int, device: int, stream: Optional["Stream"]) -> None:
         set_device(device)
         rt = runtime()
         self.ordered = stream is not None and stream_ordered(device)
@@ -123,6 +238,7 @@ class DeviceBuffer(Buffer):
             self.ptr = _ptr(check(rt.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes})", nbytes))
         self.nbytes, self.device = nbytes, device
 
+    @_keeps_caller_context
     def free(self, stream: Optional["Stream"] = None) -> None:
         """Free the buffer; its contents must no longer be in use by any stream. With a
         ``stream``, a stream-ordered buffer is freed in that stream's order and the stream is
@@ -145,21 +261,25 @@ class Stream:
 
     def __init__(self, device: int) -> None:
         rt = runtime()
-        set_device(device)
         self.device = device
-        self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
-        self._finalizer = weakref.finalize(self, _destroy_stream, self.handle)
+        with in_primary_context(device):
+            set_device(device)
+            self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        self._finalizer = weakref.finalize(self, _destroy_stream, self.handle, device)
 
+    @_keeps_caller_context
     def copy_to_device(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
         rt = runtime()
         check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.handle),
               "cudaMemcpyAsync(host to device)")
 
+    @_keeps_caller_context
     def copy_to_host(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
         rt = runtime()
         check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.handle),
               "cudaMemcpyAsync(device to host)")
 
+    @_keeps_caller_context
     def synchronize(self) -> None:
         check(runtime().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
@@ -168,9 +288,10 @@ class Stream:
         self._finalizer()
 
 
-def _destroy_stream(handle: Any) -> None:
+def _destroy_stream(handle: Any, device: int) -> None:
     try:
-        check(runtime().cudaStreamDestroy(handle), "cudaStreamDestroy")
+        with in_primary_context(device):
+            check(runtime().cudaStreamDestroy(handle), "cudaStreamDestroy")
     except Exception:        # pragma: no cover - at interpreter exit the runtime may be gone already
         pass
 
@@ -289,6 +410,14 @@ class CudaMemory(DeviceMemory):
 
     def new_host_pool(self) -> HostPool:
         return PinnedPool()
+
+    def device_context(self) -> "contextlib.AbstractContextManager[None]":
+        """Work of the block (a TensorRT run on the caller's thread) happens in the device's primary
+        context; a caller's own context (``pycuda.autoinit``) is current again afterwards."""
+        return in_primary_context(self.index)
+
+    def check_pointer(self, ptr: int, what: str, model: Optional[str] = None) -> None:
+        check_pointer_context(ptr, self.index, what, model)
 
     def new_runner(self, label: str) -> Runner:
         return ThreadRunner(label)

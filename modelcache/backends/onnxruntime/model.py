@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ...devices.base import Runner
-from ...devices.cuda import device_pointer
+from ...devices.cuda import check_pointer_context, device_pointer
 from ...errors import ModelCacheError, ModelInputError, ModelRunError
 from .graph import ValueInfo, Weight, numpy_dtype
 
@@ -194,7 +194,10 @@ class OrtModel:
             raise ModelInputError(f"input {name!r}: {problem} (declared {spec.declared})",  # type: ignore[union-attr]
                                   model=self.name)
         device = self._device or ("cuda", 0)
-        binding.bind_input(name, device[0], device[1], np.dtype(dtype), list(shape), device_pointer(array))
+        ptr = device_pointer(array)
+        if device[0] == "cuda":
+            check_pointer_context(ptr, device[1], f"input {name!r}", self.name)
+        binding.bind_input(name, device[0], device[1], np.dtype(dtype), list(shape), ptr)
 
     # checks ------------------------------------------------------------------------------------
     def retire(self) -> None:

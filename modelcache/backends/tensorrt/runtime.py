@@ -250,7 +250,8 @@ class TrtModel:
                                   model=self.name)
         backend, handle = self._backend, self._handle
         memory = backend.memory
-        with backend.scratch.slot(handle.scratch_bytes) as scratch, backend._context(handle) as ctx:
+        with memory.device_context(), backend.scratch.slot(handle.scratch_bytes) as scratch, \
+                backend._context(handle) as ctx:
             context = ctx.context
             backend._bind_scratch(context, scratch)
             host_in = {}
@@ -282,7 +283,9 @@ class TrtModel:
         ``__cuda_array_interface__``; ``shapes`` gives input shapes for raw addresses."""
         self._alive()
         backend, handle = self._backend, self._handle
-        with backend.scratch.slot(handle.scratch_bytes) as scratch, backend._context(handle) as ctx:
+        memory = backend.memory
+        with memory.device_context(), backend.scratch.slot(handle.scratch_bytes) as scratch, \
+                backend._context(handle) as ctx:
             context = ctx.context
             backend._bind_scratch(context, scratch)
             for name, value in inputs.items():
@@ -291,9 +294,13 @@ class TrtModel:
                 if shape is None:
                     raise ModelInputError(f"input {name!r}: give its shape in shapes=", model=self.name)
                 context.set_input_shape(name, tuple(shape))
-                context.set_tensor_address(name, device_pointer(value))
+                ptr = device_pointer(value)
+                memory.check_pointer(ptr, f"input {name!r}", self.name)
+                context.set_tensor_address(name, ptr)
             for name, value in outputs.items():
-                context.set_tensor_address(name, device_pointer(value))
+                ptr = device_pointer(value)
+                memory.check_pointer(ptr, f"output {name!r}", self.name)
+                context.set_tensor_address(name, ptr)
             backend._execute(handle, context, stream)
 
     def _alive(self) -> None:
