@@ -89,24 +89,28 @@ def check_driver(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-_primary_contexts: Dict[int, int] = {}
+_primary_contexts: Dict[int, Tuple[int, Any]] = {}
 _primary_lock = threading.Lock()
+
+
+def _primary(device: int) -> Tuple[int, Any]:
+    entry = _primary_contexts.get(device)
+    if entry is None:
+        with _primary_lock:
+            entry = _primary_contexts.get(device)
+            if entry is None:
+                drv = driver()
+                check_driver(drv.cuInit(0), "cuInit")
+                dev = check_driver(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
+                ctx = check_driver(drv.cuDevicePrimaryCtxRetain(dev), f"cuDevicePrimaryCtxRetain({device})")
+                entry = _primary_contexts[device] = (as_int(ctx), ctx)
+    return entry
 
 
 def primary_context(device: int) -> int:
     """The handle of ``device``'s primary context (the runtime API's, shared with ONNX Runtime
     and torch). Retained once for the life of the process, as the runtime itself keeps it."""
-    handle = _primary_contexts.get(device)
-    if handle is None:
-        with _primary_lock:
-            handle = _primary_contexts.get(device)
-            if handle is None:
-                drv = driver()
-                check_driver(drv.cuInit(0), "cuInit")
-                dev = check_driver(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
-                ctx = check_driver(drv.cuDevicePrimaryCtxRetain(dev), f"cuDevicePrimaryCtxRetain({device})")
-                handle = _primary_contexts[device] = as_int(ctx)
-    return handle
+    return _primary(device)[0]
 
 
 @contextlib.contextmanager
@@ -118,10 +122,13 @@ def in_primary_context(device: int) -> Iterator[None]:
     drv = driver()
     saved = check_driver(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
     handle = as_int(saved) if saved is not None else 0
-    if not handle or handle == primary_context(device):
+    primary, ctx = _primary(device)
+    if not handle or handle == primary:
         yield
         return
-    set_device(device)
+    # the driver API, not cudaSetDevice: the runtime skips the switch when it believes the
+    # thread is on this device already, leaving the caller's context current for our work
+    check_driver(drv.cuCtxSetCurrent(ctx), f"cuCtxSetCurrent(primary context of device {device})")
     try:
         yield
     finally:

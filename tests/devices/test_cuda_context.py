@@ -72,7 +72,7 @@ def test_foreign_context_is_current_again_after_the_block(fake):
     with cuda.in_primary_context(0):
         assert drv.current == PRIMARY             # modelcache's work runs in the primary context
     assert drv.current == PYCUDA                  # and the caller gets pycuda's back
-    assert drv.calls == [("cudaSetDevice", 0), ("set", PYCUDA)]
+    assert drv.calls == [("set", PRIMARY), ("set", PYCUDA)]
 
 
 def test_foreign_context_is_restored_when_the_block_raises(fake):

@@ -33,13 +33,17 @@ def needs_pycuda_and_cuda_ort():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
 
 
-def serve(mode: str, folder) -> dict:
+def serve(mode: str, folder, clean_exit: bool = True) -> dict:
     proc = subprocess.run([sys.executable, SERVICE, mode, str(folder)], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
-    assert proc.returncode == 0, f"{mode} service failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    # pycuda pops its context at exit and reports there if it was no longer current
-    assert "PyCUDA ERROR" not in proc.stderr and "cuCtxPopCurrent" not in proc.stderr, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if clean_exit:
+        assert proc.returncode == 0, f"{mode} service failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        # pycuda pops its context at exit and reports there if it was no longer current
+        assert "PyCUDA ERROR" not in proc.stderr and "cuCtxPopCurrent" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"{mode}: no result (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    result = json.loads(lines[-1])
+    result["exit_status"] = proc.returncode
     record(f"pycuda_{mode}", result)
     return result
 
@@ -51,9 +55,10 @@ def check_common(result: dict) -> None:
     for run in result["runs"]:
         assert run["host_ok"], run
         assert run["providers"] == ["CUDAExecutionProvider"], run
-        assert run["context_kept_after_run"] and run["context_kept_after_evict"], run
+        assert run["buffer_in_own_context"], run
         assert run["tier_after_evict"] != "DEVICE", run
-    assert result["context_kept_after_close"]
+    # the service's context was current after every step (the driver's view, not pycuda's)
+    assert result["displaced_after"] == [], result["displaced_after"]
     assert result["stats"]["misses"] >= 9          # every use followed an eviction: real swap-ins
 
 
@@ -73,3 +78,11 @@ def test_autoinit_service_keeps_its_context_and_gets_a_clear_refusal_for_device_
     for run in result["runs"]:
         assert run["device"] == "refused", run
         assert "pycuda.autoprimaryctx" in run["refusal"] and run["model"] in run["refusal"]
+
+
+def test_why_autoinit_buffers_are_refused(tmp_path):
+    """The fact behind the refusal, without modelcache: a plain ONNX Runtime CUDA session does not
+    read a buffer of pycuda.autoinit's context correctly."""
+    result = serve("crossread", tmp_path, clean_exit=False)
+    assert result["buffer_in_own_context"]
+    assert result["read"] != "ok", result
