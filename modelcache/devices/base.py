@@ -68,7 +68,7 @@ class DeviceMonitor(ABC):
     def memory(self) -> "DeviceMemory":
         """Memory operations on this device: CUDA through cuda-python unless the monitor is a
         simulated device (made on first use; cuda-python is imported only when an operation runs)."""
-        memory = self.__dict__.get("_memory")
+        memory: Optional[DeviceMemory] = self.__dict__.get("_memory")
         if memory is None:
             from .cuda import CudaMemory
             memory = self.__dict__.setdefault("_memory", CudaMemory(self))
@@ -189,21 +189,21 @@ class ThreadRunner(Runner):
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         done = threading.Lock()
         done.acquire()
-        box: List[Any] = []
+        result: List[T] = []
+        error: List[BaseException] = []
 
         def task() -> None:
             try:
-                box.append((True, fn(*args)))
+                result.append(fn(*args))
             except BaseException as exc:
-                box.append((False, exc))
+                error.append(exc)
             finally:
                 done.release()
         self._queue.put(task)
         done.acquire()
-        ok, value = box[0]
-        if ok:
-            return value
-        raise value
+        if error:
+            raise error[0]
+        return result[0]
 
     def shutdown(self) -> None:
         self._queue.put(_STOP)
@@ -302,10 +302,6 @@ class DeviceMemory(ABC):
         the device's own context, and the caller's context is current again afterwards (pycuda's
         ``autoinit`` makes a context of its own). Nothing to do on a simulated device."""
         return contextlib.nullcontext()
-
-    def check_pointer(self, ptr: int, what: str, model: Optional[str] = None) -> None:
-        """Raise :class:`ModelInputError` if the device buffer at ``ptr`` cannot be read by runs on
-        this device (allocated in another CUDA context); a simulated device accepts any."""
 
     @abstractmethod
     def new_host_pool(self) -> HostPool:

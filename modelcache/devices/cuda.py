@@ -9,9 +9,9 @@ from any of them can be mixed.
 A thread may have another context current: ``pycuda.autoinit`` (and TensorRT samples built on it)
 make a context of their own with ``Device.make_context()``. Work modelcache does on such a thread
 switches to the primary context and gives the thread its own context back afterwards
-(:func:`in_primary_context`), so the service's pycuda calls keep working; device buffers of that
-other context cannot be bound as inputs (kernels of one context cannot read another's memory) and
-are refused with a :class:`ModelInputError` (:func:`check_pointer_context`).
+(:func:`in_primary_context`), so the service's pycuda calls keep working. Device buffers of that
+other context can be bound as inputs: on the H100 (driver 580) runs in the primary context read
+them correctly (tests/devices/test_gpu_pycuda.py checks it).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import numpy as np
 
-from ..errors import DeviceOutOfMemoryError, ModelCacheError, ModelInputError
+from ..errors import DeviceOutOfMemoryError, ModelCacheError
 from .base import Buffer, Charge, DeviceMemory, Runner, ThreadRunner
 from .host import HostBlock, HostPool
 
@@ -146,29 +146,6 @@ def _keeps_caller_context(method: F) -> F:
         with in_primary_context(self.device):
             return method(self, *args, **kwargs)
     return cast(F, wrapper)
-
-
-def check_pointer_context(ptr: int, device: int, what: str, model: Optional[str] = None) -> None:
-    """Refuse a device pointer allocated in another context than ``device``'s primary context
-    (e.g. by ``pycuda.driver.mem_alloc`` under ``pycuda.autoinit``): runtimes run in the
-    primary context, and a kernel there cannot read another context's memory. Pointers whose
-    context cannot be read (no driver, memory from a stream-ordered pool) pass."""
-    try:
-        drv = driver()
-        attribute = drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_CONTEXT
-        result = drv.cuPointerGetAttribute(attribute, ptr)
-        if result[0] != drv.CUresult.CUDA_SUCCESS:
-            return
-        owner = as_int(result[1]) if result[1] is not None else 0
-        primary = primary_context(device)
-    except (ModelCacheError, AttributeError, TypeError, ValueError):
-        return
-    if owner and owner != primary:
-        raise ModelInputError(
-            f"{what}: device buffer {ptr:#x} belongs to CUDA context {owner:#x}, not to device {device}'s primary "
-            f"context {primary:#x} where the model runs (pycuda.autoinit makes a context of its own): create "
-            f"the context with pycuda.autoprimaryctx (or Device.retain_primary_context()), or pass a host array",
-            model=model)
 
 
 def as_int(value: Any) -> int:
@@ -422,9 +399,6 @@ class CudaMemory(DeviceMemory):
         """Work of the block (a TensorRT run on the caller's thread) happens in the device's primary
         context; a caller's own context (``pycuda.autoinit``) is current again afterwards."""
         return in_primary_context(self.index)
-
-    def check_pointer(self, ptr: int, what: str, model: Optional[str] = None) -> None:
-        check_pointer_context(ptr, self.index, what, model)
 
     def new_runner(self, label: str) -> Runner:
         return ThreadRunner(label)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ...devices.base import Runner
-from ...devices.cuda import check_pointer_context, device_pointer
+from ...devices.cuda import device_pointer, in_primary_context
 from ...errors import ModelCacheError, ModelInputError, ModelRunError
 from .graph import ValueInfo, Weight, numpy_dtype
 
@@ -91,11 +91,13 @@ class OrtModel:
         self._alive()
         if self._signature is not None:
             return list(self._signature[1])
-        return self._session.get_outputs()
+        outputs: List[Any] = self._session.get_outputs()
+        return outputs
 
     def get_providers(self) -> List[str]:
         self._alive()
-        return self._session.get_providers()
+        providers: List[str] = self._session.get_providers()
+        return providers
 
     def get_modelmeta(self) -> Any:
         self._alive()
@@ -113,11 +115,13 @@ class OrtModel:
         run_options = run_options if run_options is not None else self._run_options
         try:
             if not self._weights:
-                return self._on_runner(self._session.run, names, feed, run_options)
+                outputs: List[np.ndarray] = self._on_runner(self._session.run, names, feed, run_options)
+                return outputs
             # binding included: ONNX Runtime copies CPU inputs to the device when they are bound, and
             # its CUDA provider keeps device memory for every thread that does so: on the runner
             # thread, that is one thread per session, not one per caller
-            return self._on_runner(self._bind_and_run, names, feed, run_options)
+            outputs = self._on_runner(self._bind_and_run, names, feed, run_options)
+            return outputs
         except ModelCacheError:
             raise
         except Exception as exc:   # the inputs were checked: the runtime itself failed
@@ -125,14 +129,14 @@ class OrtModel:
                                 model=self.name) from exc
 
     def _bind_and_run(self, names: List[str], feed: Dict[str, np.ndarray], run_options: Any) -> List[np.ndarray]:
-        binding = self._bindings.pop() if self._bindings else self.io_binding()
+        binding = self._bindings.pop() if self._bindings else self._new_binding()
         for key, value in feed.items():
             binding.bind_cpu_input(key, value)
         for out in names:
             binding.bind_output(out, "cpu")
         try:
             self._session.run_with_iobinding(binding, run_options)
-            outputs = binding.copy_outputs_to_cpu()
+            outputs: List[np.ndarray] = binding.copy_outputs_to_cpu()
         finally:
             binding.clear_binding_outputs()
         if set(feed) == self._required and self.valid:
@@ -143,10 +147,28 @@ class OrtModel:
         """Bind the weights now (a binding for the first run), so the first run after a swap-in
         does not pay for it."""
         if self._weights and not self._bindings:
-            self._bindings.append(self.io_binding())
+            self._bindings.append(self._new_binding())
 
     def io_binding(self) -> Any:
-        """A fresh IOBinding with every weight bound (on the device, or from host memory)."""
+        """A fresh IOBinding with every weight bound (on the device, or from host memory). On a
+        GPU its calls run in the device's primary context, and a caller's own CUDA context
+        (``pycuda.autoinit``) is current again after each (ONNX Runtime would otherwise put the
+        primary context in its place on the caller's thread)."""
+        device = self._cuda_device()
+        if device is not None:
+            with in_primary_context(device):
+                return _CallerContextKept(self._new_binding(), device)
+        return self._new_binding()
+
+    def _cuda_device(self) -> Optional[int]:
+        """The CUDA device the session runs on, or None."""
+        if self._device is not None:
+            return self._device[1] if self._device[0] == "cuda" else None
+        options = self._session.get_provider_options().get("CUDAExecutionProvider")
+        return int(options.get("device_id", 0)) if options is not None else None
+
+    def _new_binding(self) -> Any:
+        """ONNX Runtime's IOBinding with every weight bound (on the device, or from host memory)."""
         self._alive()
         binding = self._session.io_binding()
         for w in self._weights:
@@ -159,6 +181,8 @@ class OrtModel:
 
     def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
         self._alive()
+        if isinstance(binding, _CallerContextKept):
+            binding = binding.binding
         self._on_runner(self._session.run_with_iobinding, binding,
                         run_options if run_options is not None else self._run_options)
 
@@ -194,10 +218,7 @@ class OrtModel:
             raise ModelInputError(f"input {name!r}: {problem} (declared {spec.declared})",  # type: ignore[union-attr]
                                   model=self.name)
         device = self._device or ("cuda", 0)
-        ptr = device_pointer(array)
-        if device[0] == "cuda":
-            check_pointer_context(ptr, device[1], f"input {name!r}", self.name)
-        binding.bind_input(name, device[0], device[1], np.dtype(dtype), list(shape), ptr)
+        binding.bind_input(name, device[0], device[1], np.dtype(dtype), list(shape), device_pointer(array))
 
     # checks ------------------------------------------------------------------------------------
     def retire(self) -> None:
@@ -237,6 +258,26 @@ class OrtModel:
         if not self.valid:
             return f"OrtModel({self.name!r}, retired)"
         return f"OrtModel({self.name!r}, providers={self.get_providers()})"
+
+
+class _CallerContextKept:
+    """ONNX Runtime's IOBinding, each of whose calls runs in ``device``'s primary context and gives
+    the calling thread its own context back (see :func:`devices.cuda.in_primary_context`)."""
+
+    __slots__ = ("binding", "device")
+
+    def __init__(self, binding: Any, device: int) -> None:
+        self.binding, self.device = binding, device
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.binding, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with in_primary_context(self.device):
+                return attr(*args, **kwargs)
+        return call
 
 
 class _Shaped:

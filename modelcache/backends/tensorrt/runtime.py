@@ -196,7 +196,7 @@ class ScratchPool:
                 stale = slot is not None and slot[2] != self.slot_bytes   # engines changed meanwhile
                 if slot is not None and not stale:
                     self._idle.append(slot)
-            if stale:
+            if stale and slot is not None:
                 self._free(slot)
 
     def _free(self, slot: Tuple[Any, int, int]) -> None:
@@ -294,13 +294,9 @@ class TrtModel:
                 if shape is None:
                     raise ModelInputError(f"input {name!r}: give its shape in shapes=", model=self.name)
                 context.set_input_shape(name, tuple(shape))
-                ptr = device_pointer(value)
-                memory.check_pointer(ptr, f"input {name!r}", self.name)
-                context.set_tensor_address(name, ptr)
+                context.set_tensor_address(name, device_pointer(value))
             for name, value in outputs.items():
-                ptr = device_pointer(value)
-                memory.check_pointer(ptr, f"output {name!r}", self.name)
-                context.set_tensor_address(name, ptr)
+                context.set_tensor_address(name, device_pointer(value))
             backend._execute(handle, context, stream)
 
     def _alive(self) -> None:
