@@ -5,11 +5,17 @@ import hashlib
 import os
 import re
 import tempfile
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterable, Optional, Protocol, Union
 
 from .errors import CorruptFileError
 
 Chunks = Union[bytes, bytearray, memoryview, Iterable[Union[bytes, bytearray, memoryview]]]
+
+
+class Writer(Protocol):
+    """What ``atomic_write`` hands a writing function: a binary file's ``write``."""
+
+    def write(self, data: bytes) -> int: ...
 
 
 def model_file(directory: str, name: str, suffix: str) -> str:
@@ -19,7 +25,7 @@ def model_file(directory: str, name: str, suffix: str) -> str:
     return os.path.join(directory, f"{safe}-{tag}{suffix}")
 
 
-def atomic_write(path: str, data: Union[Chunks, Callable[[object], None]]) -> str:
+def atomic_write(path: str, data: Union[Chunks, Callable[[Writer], None]]) -> str:
     """Write ``data`` (bytes, an iterable of chunks, or ``fn(file)`` writing to a binary file) to
     ``path`` atomically: a temporary file in the same folder, fsync, then rename. Returns the
     sha256 hex digest of what was written. On failure nothing is left at ``path``'s place."""
@@ -98,11 +104,11 @@ def remove_quietly(path: Optional[str]) -> None:
 class _HashingWriter:
     """A binary file wrapper that hashes what passes through."""
 
-    def __init__(self, raw) -> None:
+    def __init__(self, raw: BinaryIO) -> None:
         self._raw = raw
         self._hash = hashlib.sha256()
 
-    def write(self, data) -> int:
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> int:
         self._hash.update(data)
         return self._raw.write(data)
 

@@ -45,7 +45,7 @@ logger = logging.getLogger("modelcache")
 _DEFAULT_TIMEOUT = decorators.DEFAULT_TIMEOUT
 
 
-class ModelCache:
+class ModelCache(decorators.Decorators):     # the decorators model() and multiplexed(): decorators.py
     """Keeps hot models on the device and parks the rest on the host or on disk.
 
     Args:
@@ -159,7 +159,7 @@ class ModelCache:
         return self._events.on(event, hook)
 
     # ------------------------------------------------------------------ the request path
-    def use(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT, *, allow_host: bool = False) -> Lease:
+    def use(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT, *, allow_host: bool = False) -> Lease[Any]:
         """A lease on ``name``: ``with cache.use(name) as model: ...``. While held, the model stays
         on the device. Entering waits up to ``timeout`` seconds (None: forever) for room.
 
@@ -170,7 +170,7 @@ class ModelCache:
             timeout = check_timeout(timeout, name)        # raises ConfigError naming the value
         return Lease(self, name, timeout, allow_host)
 
-    def ause(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT, *, allow_host: bool = False) -> Lease:
+    def ause(self, name: str, timeout: Optional[float] = _DEFAULT_TIMEOUT, *, allow_host: bool = False) -> Lease[Any]:
         """``async with cache.ause(name) as model``: :meth:`use` for async code (a :class:`Lease`
         works with ``with`` and ``async with`` alike). A hit is served on the event loop at once;
         a miss waits on the cache's own worker threads, never the loop's default executor, and a
@@ -306,7 +306,7 @@ class ModelCache:
             if self._waiting or self._closed:
                 self._cond.notify_all()
 
-    def _wait_move(self, entry: Entry, moving: Future, request: Request, *, up: bool) -> None:
+    def _wait_move(self, entry: Entry, moving: Future[None], request: Request, *, up: bool) -> None:
         """Wait for another thread's move of ``entry``; re-raise its error if it was bringing the
         model up (the request would have needed that load), ignore it otherwise."""
         try:
@@ -518,34 +518,6 @@ class ModelCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ------------------------------------------------------------------ decorators (decorators.py)
-    def model(self, name: str, *, backend: Union[str, Type[Backend]] = "auto", size_hint: Optional[Size] = None,
-              pinned: bool = False, **options: Any) -> Callable[[Callable[[], Any]], Callable[..., Lease]]:
-        """Register the decorated loader under ``name``; calling the result returns a lease::
-
-            @cache.model("bert", backend="onnxruntime")
-            def load_bert(): return "models/bert.onnx"
-            with load_bert() as session: ...
-        """
-        return decorators.model(self, name, backend, size_hint, pinned, options)
-
-    def multiplexed(self, *, backend: Union[str, Type[Backend]] = "auto", prefix: str = "",
-                    size_hint: Optional[Size] = None, pinned: bool = False, max_models: Optional[int] = None,
-                    check_id: decorators.IdCheck = None, **options: Any
-                    ) -> Callable[[Callable[[str], Any]], Callable[..., Lease]]:
-        """One loader for many model ids (as Ray Serve's multiplexing): ``load(model_id)`` registers
-        ``prefix + model_id`` on first call and returns a lease on it (``with`` or ``async with``)::
-
-            @cache.multiplexed(backend="onnxruntime", max_models=8)
-            async def load(model_id): return f"models/{model_id}.onnx"
-            async with load("en-v2") as session: ...
-
-        ``max_models``: beyond this many ids, the least recently used unleased one is unregistered.
-        ``check_id``: a regular expression an id must match whole, or a callable returning whether
-        it is accepted; the default refuses path separators, ``..`` and NUL (ids often become paths).
-        Arguments are checked when decorating."""
-        return decorators.multiplexed(self, backend, prefix, size_hint, pinned, max_models, check_id, options)
 
     # ------------------------------------------------------------------ helpers
     def _get(self, name: str) -> Entry:

@@ -7,7 +7,7 @@ kept on the ``model`` attribute.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence, Tuple, Type
 
 
 class ModelCacheError(Exception):
@@ -21,11 +21,12 @@ class ModelCacheError(Exception):
     def __str__(self) -> str:       # the model may be named after the error was made (the cache adds it)
         return f"model {self.model!r}: {self.reason}" if self.model is not None else self.reason
 
-    def __reduce__(self):  # keep pickling (e.g. across processes) working with keyword args
+    def __reduce__(self) -> Tuple[Callable[..., ModelCacheError], Tuple[Any, ...]]:
+        # keep pickling (e.g. across processes) working with keyword args
         return (_rebuild, (type(self), self.reason, self.model))
 
 
-def _rebuild(cls, reason, model):
+def _rebuild(cls: Type[ModelCacheError], reason: str, model: Optional[str]) -> ModelCacheError:
     err = cls.__new__(cls)
     ModelCacheError.__init__(err, reason, model=model)
     return err
@@ -100,7 +101,8 @@ class EngineDeserializationError(BackendError):
     """TensorRT refused a plan (corrupt, truncated, foreign, or built for another GPU); the
     message carries TensorRT's own log lines (also on ``trt_messages``)."""
 
-    def __init__(self, message: str, *, model: Optional[str] = None, trt_messages: Optional[list] = None) -> None:
+    def __init__(self, message: str, *, model: Optional[str] = None,
+                 trt_messages: Optional[Sequence[str]] = None) -> None:
         super().__init__(message, model=model)
         self.trt_messages = list(trt_messages or [])
 

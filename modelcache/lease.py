@@ -1,4 +1,8 @@
-"""A lease: a model held resident on the device while it is held (``ModelCache.use``)."""
+"""A lease: a model held resident on the device while it is held (``ModelCache.use``).
+
+``Lease`` is generic in the model it hands out: ``cache.use(name)`` gives a ``Lease[Any]``; the
+functions made by ``@cache.model`` and ``@cache.multiplexed`` give leases typed from their loader
+or backend (see ``decorators.py``)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +10,7 @@ import logging
 import sys
 import threading
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
 
 from .errors import ModelCacheError
 from .moves import Request
@@ -17,8 +21,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("modelcache")
 
+#: the type of the model a lease hands out
+M = TypeVar("M", covariant=True)
 
-class Lease:
+
+class Lease(Generic[M]):
     """A model held resident on the device while the lease is held. Use as a context manager
     (``with cache.use(name) as model``, or ``async with`` in async code) or call :meth:`acquire`
     (:meth:`aacquire`) and :meth:`release`.
@@ -39,7 +46,7 @@ class Lease:
         self.hit: Optional[bool] = None   #: after acquire: True if the model was already on the device
         self.waited = False               #: after acquire: True if it waited for room on the device
 
-    def acquire(self) -> Any:
+    def acquire(self) -> M:
         """Make the model resident (waiting up to ``timeout`` seconds) and return it."""
         if not self._lock.acquire(blocking=False):
             raise ModelCacheError("this lease is already held (or being acquired); release it first", model=self.name)
@@ -54,9 +61,10 @@ class Lease:
             caller = caller.f_back or caller
         self._where = (caller.f_code, caller.f_lineno)     # formatted only if it is ever needed
         self._entry = entry
-        return self._model
+        model: M = self._model   # what the backend hands out, typed by the lease's parameter
+        return model
 
-    async def aacquire(self) -> Any:
+    async def aacquire(self) -> M:
         """:meth:`acquire` for async code: a hit is served here at once; otherwise the cache's
         worker threads wait (never the event loop's default executor) while this awaits them.
         Cancelled, the request gives its place in line back at once; a move it started goes on
@@ -78,7 +86,8 @@ class Lease:
             caller = caller.f_back or caller
         self._where = (caller.f_code, caller.f_lineno)
         self._entry = entry
-        return self._model
+        model: M = self._model
+        return model
 
     async def _wait_for_it(self) -> Any:
         cache = self._cache
@@ -120,18 +129,20 @@ class Lease:
         return self._entry is not None
 
     @property
-    def model(self) -> Any:
+    def model(self) -> M:
+        """The model, while the lease is held."""
         if self._entry is None:
             raise ModelCacheError("the lease is not held", model=self.name)
-        return self._model
+        model: M = self._model
+        return model
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> M:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> M:
         return await self.aacquire()
 
     async def __aexit__(self, *exc: object) -> None:

@@ -38,7 +38,7 @@ class Entry:
         self.owner = owner
         self.handle: Optional[Handle] = None
         self.tier = Tier.UNLOADED
-        self.moving: Optional[Future] = None          # the move in flight; others wait on it
+        self.moving: Optional[Future[None]] = None         # the move in flight; others wait on it
         self.moving_to: Optional[Tier] = None
         self.evicting_for: Optional[Reservation] = None
         self.leases = self.hits = self.misses = self.loads = self.uses = self.tick = 0

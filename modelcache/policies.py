@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 from .errors import ConfigError
 
@@ -100,7 +100,7 @@ class CostPolicy(Policy):
         return sorted(candidates, key=lambda c: (self.priority(c), c.last_used))
 
 
-POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "cost": CostPolicy}
+POLICIES: Dict[str, Callable[[], Policy]] = {"lru": LRUPolicy, "lfu": LFUPolicy, "cost": CostPolicy}
 
 
 def make_policy(policy: Union[str, Policy, None]) -> Policy:

@@ -29,7 +29,7 @@ class Histogram(NamedTuple):
 
     buckets: List[Tuple[float, int]]   #: (upper bound in seconds, durations <= it): cumulative, ends at +Inf
     sum: float                         #: seconds, all durations together
-    count: int                         #: durations observed (the +Inf bucket's count)
+    count: int  # type: ignore[assignment]  #: durations observed (the +Inf bucket's count; shadows tuple.count)
 
 
 class Samples:
@@ -82,7 +82,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.counters: Counter = Counter()
+        self.counters: Counter[str] = Counter()
         self.samples = {kind: Samples() for kind in self.KINDS}
         #: the last failed device reading, as ``"ExceptionType: message"`` (kept after recovery), or None
         self.monitor_error: Optional[str] = None

@@ -53,10 +53,10 @@ def backend_class(backend: Union[str, Type[Backend]]) -> Type[Backend]:
         known = sorted(set(BUILTIN) | set(_registry) | {"auto"})
         raise ConfigError(f"backend={backend!r} is unknown; use one of {known} or a Backend subclass")
     module, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module), attr)
+    loaded: Type[Backend] = getattr(importlib.import_module(module), attr)
     with _lock:
-        _registry.setdefault(backend, cls)
-    return cls
+        _registry.setdefault(backend, loaded)
+    return loaded
 
 
 def detect_backend(name: str, value: Any, options: Dict[str, Any]) -> Type[Backend]:

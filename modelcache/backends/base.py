@@ -161,7 +161,7 @@ class Backend(ABC):
         self._expect(handle, Tier.DEVICE)
         return self._model_impl(handle)
 
-    def host_model(self, handle: Handle) -> Optional[Any]:
+    def host_model(self, handle: Any) -> Optional[Any]:
         """A model that serves from the host tier while this one is off the device, or None.
         Called with the cache's lock held: return an existing object, never build one here."""
         return None

@@ -33,7 +33,8 @@ def measure_nbytes(value: Any) -> Optional[int]:
         value = list(value.values())
     if isinstance(value, (list, tuple)) and value:
         sizes = [measure_nbytes(v) for v in value]
-        return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
+        known = [s for s in sizes if s is not None]
+        return sum(known) if len(known) == len(sizes) else None
     return None
 
 

@@ -37,7 +37,7 @@ def runtime() -> Any:
         from cuda.bindings import runtime as rt
     except ImportError:
         try:
-            from cuda import cudart as rt  # type: ignore[no-redef]
+            from cuda import cudart as rt
         except ImportError as exc:
             raise ModelCacheError("CUDA memory work needs cuda-python: pip install 'modelcache[cuda]'") from exc
     return rt
@@ -71,7 +71,7 @@ def driver() -> Any:
         from cuda.bindings import driver as drv
     except ImportError:
         try:
-            from cuda import cuda as drv  # type: ignore[no-redef]
+            from cuda import cuda as drv
         except ImportError as exc:
             raise ModelCacheError("CUDA memory work needs cuda-python: pip install 'modelcache[cuda]'") from exc
     return drv

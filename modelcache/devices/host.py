@@ -43,7 +43,8 @@ class HostBlock:
         self.ptr, self.nbytes, self.array, self.pinned, self._owner = ptr, nbytes, array, pinned, owner
 
     def view(self, offset: int, nbytes: int, dtype: Any, shape: Any) -> np.ndarray:
-        return self.array[offset:offset + nbytes].view(dtype).reshape(shape)
+        view: np.ndarray = self.array[offset:offset + nbytes].view(dtype).reshape(shape)
+        return view
 
 
 class HostPool:

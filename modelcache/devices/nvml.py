@@ -85,7 +85,7 @@ class NvmlMonitor(DeviceMonitor):
         except Exception as exc:
             _release()
             raise MonitorError(f"NVML could not open device {self.device}: {exc}") from exc
-        self._procs: TTLCache = TTLCache(maxsize=1, ttl=0.05)  # the process list is slow to query
+        self._procs: TTLCache[str, Dict[int, int]] = TTLCache(maxsize=1, ttl=0.05)  # the process list is slow to query
         self._procs_lock = threading.Lock()
         self._closed = False
 

@@ -155,7 +155,7 @@ class SimulatedDevice(DeviceMonitor):
 
     @property
     def memory(self) -> "SimulatedMemory":
-        memory = self.__dict__.get("_memory")
+        memory: Optional[SimulatedMemory] = self.__dict__.get("_memory")
         if memory is None:
             memory = self.__dict__.setdefault("_memory", SimulatedMemory(self))
         return memory
@@ -225,9 +225,17 @@ class SimulatedMemory(DeviceMemory):
     def session_overhead_bytes(self) -> int:
         return self.device.session_overhead_bytes
 
+    @session_overhead_bytes.setter
+    def session_overhead_bytes(self, nbytes: int) -> None:
+        self.device.session_overhead_bytes = nbytes
+
     @property
     def run_overhead_bytes(self) -> int:
         return self.device.run_overhead_bytes
+
+    @run_overhead_bytes.setter
+    def run_overhead_bytes(self, nbytes: int) -> None:
+        self.device.run_overhead_bytes = nbytes
 
     def _book_working(self, nbytes: int) -> SimulatedAllocation:
         return self.device.allocate(nbytes, owner="working memory")

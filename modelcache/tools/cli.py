@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError, ModelCacheError
 
@@ -16,7 +16,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         default = action.default
         if default is None or default is False or default is argparse.SUPPRESS or default in ("", ()):
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 STRESS_EPILOG = """sizes: on a GPU, --models, --min-size, --max-size and --budget default to 40, 64MiB, 1GiB and
@@ -195,7 +195,8 @@ def _bench(args: argparse.Namespace) -> int:
         monitor = SimulatedDevice("64GiB")
     failures = runs = 0
     for path in args.models:
-        variants = [("onnxruntime", {"mode": "weights"}), ("onnxruntime", {"mode": "session"})] \
+        variants: List[Tuple[str, Dict[str, Any]]] = \
+            [("onnxruntime", {"mode": "weights"}), ("onnxruntime", {"mode": "session"})] \
             if path.endswith(".onnx") else [("tensorrt", {})]
         for backend, options in variants:
             runs += 1

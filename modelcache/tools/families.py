@@ -13,7 +13,7 @@ the same arguments with another seed give a fine-tune-like variant (same graph, 
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -196,10 +196,10 @@ def make_family(family: str, size: str = "small", *, seed: int = 0, constant_nod
     return builders[family](**presets[(family, size)], seed=seed, constant_nodes=constant_nodes)  # type: ignore
 
 
-def sample_input(model: Any, seed: int = 0) -> dict:
+def sample_input(model: Any, seed: int = 0) -> Dict[str, np.ndarray]:
     """A deterministic input for a model built here (token ids below the vocabulary for BERT)."""
     rng = np.random.default_rng(seed)
-    feed = {}
+    feed: Dict[str, np.ndarray] = {}
     for value in model.graph.input:
         dims = [d.dim_value or 1 for d in value.type.tensor_type.shape.dim]
         if value.type.tensor_type.elem_type == 7:   # int64: token ids below the vocabulary

@@ -11,7 +11,8 @@
 | ``session_mode.py`` | session mode: a device session created from files in RAM |
 """
 from .backend import OnnxRuntimeBackend
-from .graph import InvalidModelError, ValueInfo, Weight
+from ...errors import InvalidModelError
+from .graph import ValueInfo, Weight
 from .model import OrtModel
 
 __all__ = ["OnnxRuntimeBackend", "OrtModel", "InvalidModelError", "Weight", "ValueInfo"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, cast
 
 from ..._fileio import atomic_write, model_file, read_into, read_verified, remove_quietly
 from ...devices.host import HostBlock
@@ -167,6 +167,7 @@ class OnnxRuntimeBackend(Backend):
         files = {"graph": (graph_path, atomic_write(graph_path, graph_bytes))}
         try:
             if handle.weights_nbytes:
+                assert weights is not None
                 files["weights"] = (weights_path, atomic_write(weights_path, weights))
         except BaseException:
             remove_quietly(graph_path)
@@ -223,7 +224,7 @@ class OnnxRuntimeBackend(Backend):
         return handle.host_wrapper
 
     def stats(self) -> Dict[str, Any]:
-        return self.modes["weights"].stats()  # type: ignore[attr-defined]
+        return cast(WeightsMode, self.modes["weights"]).stats()
 
     def close(self) -> None:
         self.pool.close()
@@ -257,7 +258,7 @@ def _read_checked(path: str, block: HostBlock, nbytes: int, sha256: str, name: s
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            got = read_into(f, memoryview(block.array)[:nbytes], digest)
+            got = read_into(f, block.array.data[:nbytes], digest)
             extra = f.read(1)
     except OSError as exc:
         raise CorruptFileError(f"cannot read {path}: {exc}", model=name) from exc

@@ -204,7 +204,8 @@ def as_inputs(proto: Any, weights: Sequence[Weight], generic: bool = False, any_
                     dim.Clear()
                     dim.dim_param = f"{value.name}:{axis}"
         del graph.value_info[:]
-    return proto.SerializeToString()
+    serialized: bytes = proto.SerializeToString()
+    return serialized
 
 
 def group_key(graph: bytes, options: Dict[str, Any], name: Optional[str]) -> str:
@@ -272,7 +273,7 @@ def sample_feed(inputs: Sequence[Any], seed: int = 0, symbolic: int = 1) -> Dict
     """A deterministic sample input for each graph input: a symbolic first dimension (the batch)
     becomes 1, other symbolic dimensions ``symbolic``."""
     rng = np.random.default_rng(seed)
-    feed = {}
+    feed: Dict[str, np.ndarray] = {}
     for i in inputs:
         dtype = _ORT_DTYPES.get(i.type)
         if dtype is None:
@@ -293,7 +294,7 @@ def tensor_nbytes(init: Any) -> int:
     if init.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return 0
     count = int(np.prod(init.dims)) if len(init.dims) else 1
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    itemsize: int = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
     return count * itemsize
 
 
@@ -326,7 +327,7 @@ def _read_external(name: str, init: Any, base_dir: Optional[str], out: np.ndarra
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            got = read_into(f, memoryview(out))
+            got = read_into(f, out.data)
     except OSError as exc:
         raise InvalidModelError(f"initializer {init.name!r}: cannot read {path}: {exc}", model=name) from exc
     if got != out.nbytes:

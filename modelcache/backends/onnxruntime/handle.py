@@ -67,7 +67,7 @@ class OrtHandle(Handle):
         return os.path.join(self.host_dir, "model.onnx")
 
     # accounting: what differs between modes is the mode's answer -------------------------------
-    @property  # type: ignore[override]
+    @property
     def device_bytes(self) -> int:
         return self._device_bytes + (self.ops.shared_bytes(self) if self.tier is Tier.DEVICE else 0)
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from ...devices.host import HostBlock
 from . import graph
+from .graph import Weight
 from .model import OrtModel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,7 +51,7 @@ class Lifted:
     """The graph with its weights as inputs, and those weights in a host block."""
 
     graph: bytes
-    weights: List[graph.Weight]
+    weights: List[Weight]
     block: Optional[HostBlock]
     weights_nbytes: int
     optimized: bool
@@ -154,7 +155,8 @@ def candidate_outputs(backend: "OnnxRuntimeBackend", handle: "OrtHandle", lifted
     memory = backend.memory
     model = OrtModel(handle.name, session, lifted.weights, (memory.kind, memory.index), buffer_ptr,
                      handle.input_names, handle.output_names)
-    return runner.call(model.run, None, feed)
+    outputs: List[np.ndarray] = runner.call(model.run, None, feed)
+    return outputs
 
 
 def cleanup(ref: Optional[Reference]) -> None:

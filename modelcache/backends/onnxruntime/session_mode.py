@@ -30,7 +30,7 @@ class SessionMode(Mode):
                 f.write(handle.graph)
             if handle.block is not None:
                 with open(os.path.join(folder, WEIGHTS_FILE), "wb") as f:
-                    f.write(memoryview(handle.block.array)[:handle.weights_nbytes])
+                    f.write(handle.block.array.data[:handle.weights_nbytes])
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -13,16 +13,16 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 from ..._fileio import reclaim_stale
 from ..._optional import require
 from ...devices.base import DeviceMemory
 from ...devices.host import HostBlock
-from ...errors import ModelCacheError
-from .graph import MiB, WEIGHTS_FILE, InvalidModelError
+from ...errors import InvalidModelError, ModelCacheError
+from .graph import MiB, WEIGHTS_FILE
 
-_env_arenas: set = set()          # devices whose shared CUDA arena is registered with ONNX Runtime
+_env_arenas: Set[int] = set()         # devices whose shared CUDA arena is registered with ONNX Runtime
 _env_arenas_lock = threading.Lock()
 arena_errors: Dict[int, str] = {}  # device -> why ONNX Runtime refused a shared arena
 #: folders of files in RAM and scratch: modelcache-ort-<pid>-<random> (ended processes' are reclaimed)
@@ -240,7 +240,7 @@ class Sessions:
     def _scratch_files(self, graph: bytes, block: HostBlock, nbytes: int) -> str:
         folder = tempfile.mkdtemp(dir=self.scratch_dir())
         with open(os.path.join(folder, WEIGHTS_FILE), "wb") as f:
-            f.write(memoryview(block.array)[:nbytes])
+            f.write(block.array.data[:nbytes])
         path = os.path.join(folder, "model.onnx")
         with open(path, "wb") as f:
             f.write(graph)

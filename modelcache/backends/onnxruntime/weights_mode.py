@@ -21,9 +21,9 @@ import numpy as np
 
 from ...devices.host import align
 from ...tiers import Tier
-from ...errors import ModelCacheError
+from ...errors import InvalidModelError, ModelCacheError
 from . import graph, optimize
-from .graph import InvalidModelError, group_key
+from .graph import group_key
 from .handle import Mode, OrtHandle
 from .model import OrtModel
 
@@ -104,7 +104,7 @@ class WeightsMode(Mode):
         self._leave(handle)
 
     def disk_payload(self, handle: OrtHandle) -> Tuple[bytes, Optional[Iterable[Any]]]:
-        weights = memoryview(handle.block.array)[:handle.weights_nbytes] if handle.block is not None else None
+        weights = handle.block.array.data[:handle.weights_nbytes] if handle.block is not None else None
         return handle.graph, weights
 
     def leave_host(self, handle: OrtHandle) -> None:
@@ -248,7 +248,8 @@ class WeightsMode(Mode):
             raise InvalidModelError(f"mode='weights' cannot be used: {verdict}", model=handle.name)
         self.backend.switch_to_session_mode(handle, f"weights mode rejected: {verdict}")
 
-    def _restore(self, handle: OrtHandle, original: Tuple[bytes, List[Any], Any, int], lifted: Any) -> None:
+    def _restore(self, handle: OrtHandle, original: Tuple[bytes, List[Any], Any, int],
+                 lifted: Optional[optimize.Lifted]) -> None:
         """Undo a first swap-in: off the device, the original graph and weights back."""
         self._retire_device(handle)
         if lifted is not None and lifted.block is not None and handle.block is lifted.block:

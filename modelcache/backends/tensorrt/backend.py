@@ -315,7 +315,7 @@ class TensorRTBackend(Backend):
             with handle.contexts_lock:
                 if handle.engine is not None:
                     handle.contexts.append(ctx)
-                    ctx = None  # type: ignore[assignment]
+                    ctx = None
             if ctx is not None:
                 ctx.close()
 

@@ -72,7 +72,7 @@ class BuildCache:
             from ...devices.cuda import describe_device
             facts = describe_device(0)
         self.facts = dict(facts)
-        self._inflight: Dict[str, Future] = {}
+        self._inflight: Dict[str, Future[None]] = {}
         self._lock = threading.Lock()
         self.hits = self.builds = 0
         os.makedirs(directory, exist_ok=True)
@@ -108,7 +108,7 @@ class BuildCache:
                     return (plan_path, *cached, True)
                 waiting = self._inflight.get(key)
                 if waiting is None:
-                    mine: Future = Future()
+                    mine: Future[None] = Future()
                     self._inflight[key] = mine
                     break
             waiting.result()   # another thread builds this key; then it is a hit (or raise its error)

@@ -96,7 +96,7 @@ class ModelCacheContender(Contender):
 
     def tiers(self) -> Tuple[int, int]:
         stats = self.cache.stats()
-        return stats["models.device"], stats["models.host"]
+        return int(stats["models.device"]), int(stats["models.host"])
 
     def swap_ins(self) -> int:
         return int(self.cache.stats().get("swap_in.count", 0))

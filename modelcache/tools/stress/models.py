@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -142,6 +142,7 @@ def family_specs(folder: str, count: int, seed: int = 0,
     from ..families import make_bert, make_mobilenet, make_resnet, sample_input
     from ..generate import save_model
     import onnxruntime as ort
+    shapes: List[Tuple[str, Callable[[int], Any]]]     # (architecture, seed -> an ONNX model)
     shapes = [("resnet16", lambda s: make_resnet(width=16, blocks=2, image=32, seed=s)),
               ("bert64", lambda s: make_bert(hidden=64, layers=2, heads=4, vocab=512, seq=16, seed=s)),
               ("mobilenet16", lambda s: make_mobilenet(width=16, blocks=2, image=32, seed=s)),

@@ -289,6 +289,7 @@ def _run_stress(config: StressConfig, log: Callable[[str], None], progress: Prog
     elif config.model_files:
         specs = specs_from_files(config.model_files, providers=gpu_providers)
     else:
+        assert config.models is not None       # resolve_sizes chose it
         specs = generate_models(folder, config.models, parse_size(config.min_size, what="min_size"),
                                 parse_size(config.max_size, what="max_size"), config.layers, config.seed,
                                 progress=progress.unit("model"))
@@ -341,7 +342,7 @@ def _run_stress(config: StressConfig, log: Callable[[str], None], progress: Prog
 
     for policy in config.policies:
         setup = time.perf_counter()
-        contender = ModelCacheContender(policy, specs, monitor(), budget, reserve, config.max_swap_ins,
+        contender: Contender = ModelCacheContender(policy, specs, monitor(), budget, reserve, config.max_swap_ins,
                                         config.prepare, progress=progress.unit("model"))
         log(f"  {contender.name}: {len(specs)} models parked on the host"
             f"{' and prepared on the device' if config.prepare else ''} in {time.perf_counter() - setup:.1f} s")

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 from dataclasses import replace
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from ...errors import ConfigError
 from ...sizes import format_bytes, parse_size
@@ -118,7 +118,7 @@ def resolve_sizes(config: "StressConfig", gpu: bool, folder: str, disk_free: Opt
         return config, None
     generated = not (config.zoo or config.families or config.model_files)
     if gpu or not generated:
-        gpu_defaults = {"models": GPU_MODELS, "min_size": GPU_MIN_SIZE, "max_size": GPU_MAX_SIZE,
+        gpu_defaults: Dict[str, Any] = {"models": GPU_MODELS, "min_size": GPU_MIN_SIZE, "max_size": GPU_MAX_SIZE,
                         "budget": GPU_BUDGET}
         return replace(config, **{k: gpu_defaults[k] for k in unset}), None
 
@@ -129,7 +129,7 @@ def resolve_sizes(config: "StressConfig", gpu: bool, folder: str, disk_free: Opt
     cap, why = machine_cap(folder, disk_free, ram_total)
     models, lo, hi, budget = simulated_sizes(config.models, given("min_size"), given("max_size"), given("budget"),
                                              config.layers, cap)
-    chosen = {"models": models, "min_size": lo, "max_size": hi, "budget": budget}
+    chosen: Dict[str, Any] = {"models": models, "min_size": lo, "max_size": hi, "budget": budget}
     resolved = replace(config, **{k: chosen[k] for k in unset})
     flags = "/".join("--" + k.replace("_", "-") for k in unset)
     note = (f"sized for this machine (simulated): {models} models of {format_bytes(lo)}..{format_bytes(hi)}, budget "

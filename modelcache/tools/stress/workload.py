@@ -57,7 +57,7 @@ def belady_hits(trace: Sequence[str], sizes: Dict[str, int], capacity: int) -> i
     the optimum; with mixed sizes the optimum is NP-hard and this is the standard
     furthest-in-future heuristic. Models larger than ``capacity`` always miss."""
     next_use = _next_uses(trace)
-    resident: Dict[str, int] = {}   # name -> next use index
+    resident: Dict[str, float] = {}   # name -> next use index (inf: never again)
     used = 0
     hits = 0
     for i, name in enumerate(trace):

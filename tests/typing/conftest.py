@@ -1,0 +1,2 @@
+# The snippets are checked by mypy (test_typing.py), never run or collected by pytest.
+collect_ignore_glob = ["snippets/*"]
