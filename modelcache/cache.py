@@ -323,8 +323,8 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         meanwhile) and return None. While older requests wait for room, this one lines up behind
         them. Raises ModelTooLargeError / DeviceBusyError."""
         ledger = self._ledger
-        need = entry.need() or 0
-        ledger.check_fits(entry.name, need)
+        ledger.check_fits(entry.name, entry.firm_need())
+        need = min(entry.need() or 0, ledger.limit())   # an estimate never makes a model too large
         victims = None
         place = request.place
         if ledger.first_in_line(place) and (self.max_swap_ins is None

@@ -83,6 +83,13 @@ class Entry:
             return max(0, self.handle.estimated_device_bytes() - self.parked_bytes)
         return self.options.get("size_hint")
 
+    def firm_need(self) -> int:
+        """Device bytes this model adds for certain (no estimates): what :meth:`Ledger.check_fits`
+        judges."""
+        if self.handle is not None:
+            return max(0, self.handle.firm_device_bytes() - self.parked_bytes)
+        return int(self.options.get("size_hint") or 0)
+
     def idle(self) -> bool:
         """Not moving and not leased: a move may start."""
         return self.moving is None and self.leases == 0
@@ -146,9 +153,13 @@ class Ledger:
     def host_bytes(self) -> int:
         return sum(e.host_bytes for e in self.entries.values())
 
+    def limit(self) -> int:
+        """Device bytes models may take at most: the budget, within the device less the reserve."""
+        return min(self.device_budget, self.total - self.reserve)
+
     def check_fits(self, name: str, need: int) -> None:
         """Raise :class:`ModelTooLargeError` if ``need`` is beyond the whole budget."""
-        limit = min(self.device_budget, self.total - self.reserve)
+        limit = self.limit()
         if need > limit:
             raise ModelTooLargeError(
                 f"needs {need} B ({format_bytes(need)}) on the device, more than the whole budget of "

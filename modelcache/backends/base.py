@@ -33,6 +33,11 @@ class Handle:
         """Device bytes the model will take once on the device (exact where the backend can be)."""
         return self.device_bytes
 
+    def firm_device_bytes(self) -> int:
+        """Device bytes the model needs for certain, without planning estimates (a session not yet
+        measured): what makes it too large for the budget."""
+        return self.estimated_device_bytes()
+
     def estimated_host_bytes(self) -> int:
         """Host bytes the model will take once moved to the host tier."""
         return self.host_bytes or self.estimated_device_bytes()

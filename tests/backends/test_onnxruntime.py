@@ -501,3 +501,25 @@ def test_a_failed_warm_up_run_is_reported_and_the_model_still_serves(tmp_path):
         with cache.use("a") as model:   # the session is made again; its warm-up run fails
             np.testing.assert_allclose(model.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
         assert "x" in cache.info("a").details["session_warmup_error"]
+
+
+def test_a_session_estimate_beyond_the_budget_does_not_make_a_model_too_large(tmp_path, monkeypatch):
+    """On a GPU an unmeasured session is planned at 128 MiB; a small model under a small budget
+    must still load (found by `modelcache demo` on the H100: a 2.8 MiB model was refused as
+    needing 137.8 MiB). Only the weights, which are certain, can make a model too large."""
+    from modelcache.backends.onnxruntime.weights_mode import WeightsMode
+    monkeypatch.setattr(WeightsMode, "_session_estimate", lambda self: 64 << 20)   # far beyond the budget
+    path = save_model(make_mlp(256, 2, batch=1), str(tmp_path / "small.onnx"))
+    x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
+    reference = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert reference.std() > 0
+    device = mc.SimulatedDevice("1GiB", session_overhead="64KiB")
+    with mc.ModelCache(monitor=device, device_budget="4MiB", reserve=0, watch_interval=None) as cache:
+        cache.register("small", path, weights_threshold=1024)
+        with cache.use("small") as model:
+            np.testing.assert_allclose(model.run(None, {"x": x})[0], reference, rtol=1e-5, atol=1e-6)
+        assert cache.info("small").details["mode"] == "weights"
+        cache.register("big", save_model(make_mlp(1024, 2, batch=1), str(tmp_path / "big.onnx")),
+                       weights_threshold=1024)            # 8 MiB of weights: too large for certain
+        with pytest.raises(mc.ModelTooLargeError, match="whole budget"):
+            cache.use("big").acquire()

@@ -78,6 +78,10 @@ class OrtHandle(Handle):
     def estimated_device_bytes(self) -> int:
         return self.ops.estimated_device_bytes(self)
 
+    def firm_device_bytes(self) -> int:
+        # its weights; the session and working memory are estimates until measured
+        return self.weights_nbytes or self.estimated_device_bytes()
+
     def estimated_host_bytes(self) -> int:
         return self.ops.estimated_host_bytes(self)
 
