@@ -75,6 +75,11 @@ def create_app(models_dir: Optional[str] = None, cache_factory: Optional[Any] = 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # the runtimes, imported before the service is ready: their first import (onnx and
+        # onnxruntime: about half a second on a 2-core machine, holding the GIL) would otherwise
+        # happen at the first request's load and stall the event loop under that first burst
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
         cache = (cache_factory or cache_from_environment)()
         state["cache"] = cache
 

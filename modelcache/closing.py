@@ -42,6 +42,7 @@ def close(cache: "ModelCache", timeout: Optional[float]) -> None:
         for entry in entries:
             entry.removed = True             # a move still in flight frees what it makes
     cache._moves.workers.stop()
+    cache._moves.acquirers.stop()
     held = {e.name: e.leases for e in entries if e.leases}
     if held:
         logger.warning("modelcache: closed after %s s with leases still held: %s; their models are freed",

@@ -92,7 +92,7 @@ class Lease(Generic[M]):
     async def _wait_for_it(self) -> Any:
         cache = self._cache
         request = Request(self.timeout, threading.Event(), asyncio.get_running_loop())
-        future = cache._moves.workers.submit(
+        future = cache._moves.acquirers.submit(
             lambda: cache._acquire(self.name, self.timeout, lease=True, allow_host=self.allow_host, request=request))
         try:
             return await asyncio.wrap_future(future)

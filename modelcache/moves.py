@@ -8,6 +8,7 @@ The way up (load, swap-in) is the request path and stays in ``cache.py``; both c
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
@@ -17,7 +18,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Deque, List, NoReturn, Optional, TypeVar
 
 from .backends import Backend, Handle
 from .config import check_timeout
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("modelcache")
 T = TypeVar("T")
+#: threads waiting for async requests that missed, per cache (more wait in line)
+ACQUIRERS = 16
 
 
 class Mover:
@@ -43,6 +46,10 @@ class Mover:
         self._record = cache._record
         self._events = cache._events
         self.workers = Workers("modelcache-move")
+        #: threads on which async requests that missed wait (``Lease.aacquire``): bounded, so a
+        #: burst of misses queues here instead of starting a thread each (hundreds of threads
+        #: waking for the GIL starve the event loop); they never wait on one another
+        self.acquirers = Workers("modelcache-acquire", max_threads=ACQUIRERS)
 
     # bookkeeping ---------------------------------------------------------------------------------
     @staticmethod
@@ -391,23 +398,35 @@ class Workers:
     is reused, a new one starts only when none is idle, and one idle for ``idle_s`` seconds ends.
     A thread per move would leave the per-thread state of CUDA and the runtimes (a copy stream,
     the runtime's thread state: about 0.5 MiB of device memory each, measured on the H100) behind
-    each time; reused threads keep it bounded by the moves in flight at once."""
+    each time; reused threads keep it bounded by the moves in flight at once.
 
-    def __init__(self, label: str, idle_s: float = 30.0) -> None:
+    ``max_threads`` (None: no limit) bounds the threads running at once; jobs beyond it wait, in
+    the order they came, for a thread to finish its job (threads that wait on each other's jobs
+    must not share a bounded pool)."""
+
+    def __init__(self, label: str, idle_s: float = 30.0, max_threads: Optional[int] = None) -> None:
         self._label = label
         self._idle_s = idle_s
+        self._max = max_threads
         self._lock = threading.Lock()
         self._idle: List["queue.SimpleQueue[Optional[Callable[[], None]]]"] = []
+        self._pending: Deque[Callable[[], None]] = collections.deque()
         self._started = 0
+        self._alive = 0
         self._busy = 0
 
     def start(self, job: Callable[[], None]) -> None:
-        """Run ``job`` (which handles its own errors) on an idle thread, or a new one."""
+        """Run ``job`` (which handles its own errors) on an idle thread, or a new one (or, with
+        every allowed thread busy, once one is free)."""
         with self._lock:
             self._busy += 1
             inbox = self._idle.pop() if self._idle else None
             if inbox is None:
+                if self._max is not None and self._alive >= self._max:
+                    self._pending.append(job)
+                    return
                 self._started += 1
+                self._alive += 1
                 number = self._started
         if inbox is None:
             inbox = queue.SimpleQueue()
@@ -429,16 +448,21 @@ class Workers:
         return future
 
     def _loop(self, inbox: "queue.SimpleQueue[Optional[Callable[[], None]]]") -> None:
+        job: Optional[Callable[[], None]] = None
         while True:
-            try:
-                job = inbox.get(timeout=self._idle_s)
-            except queue.Empty:
-                with self._lock:
-                    if inbox in self._idle:      # still idle: end
-                        self._idle.remove(inbox)
-                        return
-                job = inbox.get()                # taken by start() just now: its job is on the way
             if job is None:
+                try:
+                    job = inbox.get(timeout=self._idle_s)
+                except queue.Empty:
+                    with self._lock:
+                        if inbox in self._idle:      # still idle: end
+                            self._idle.remove(inbox)
+                            self._alive -= 1
+                            return
+                    job = inbox.get()                # taken by start() just now: its job is on the way
+            if job is None:
+                with self._lock:
+                    self._alive -= 1
                 return
             try:
                 job()
@@ -446,7 +470,9 @@ class Workers:
                 logger.exception("modelcache: a background move raised")
             with self._lock:
                 self._busy -= 1
-                self._idle.append(inbox)
+                job = self._pending.popleft() if self._pending else None
+                if job is None:
+                    self._idle.append(inbox)
 
     def busy(self) -> int:
         """Jobs started and not yet finished."""

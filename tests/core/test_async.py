@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import modelcache as mc
+from modelcache.moves import ACQUIRERS
 from conftest import array_loader
 
 
@@ -144,3 +145,6 @@ def test_two_hundred_concurrent_requests_with_inference_in_to_thread(make_cache)
     assert not errors, errors[:3]
     assert all(total == 100 * int(name[1:]) for name, total in results)
     assert cache.stats()["leases.active"] == 0
+    # the misses waited on a bounded set of threads (a thread each would have been ~190: hundreds
+    # of threads waking for the GIL starve the event loop), and more than one of them was used
+    assert 1 < cache._moves.acquirers.threads() <= ACQUIRERS

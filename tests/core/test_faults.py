@@ -209,6 +209,36 @@ def test_idle_workers_end_after_their_idle_time():
     workers.stop()
 
 
+
+def test_bounded_workers_queue_jobs_in_order_beyond_their_threads():
+    from modelcache.moves import Workers
+    workers = Workers("modelcache-test-bounded", max_threads=2)
+    gate, started, ran, running, most = threading.Event(), [], [], [0], [0]
+    lock = threading.Lock()
+
+    def job(i):
+        with lock:
+            started.append(i)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        gate.wait(5)
+        with lock:
+            running[0] -= 1
+            ran.append(i)
+    for i in range(8):
+        workers.start(lambda i=i: job(i))
+    time.sleep(0.1)
+    assert workers.threads() == 2 and workers.busy() == 8     # six wait in line, none lost
+    gate.set()
+    for _ in range(200):
+        if workers.busy() == 0:
+            break
+        time.sleep(0.01)
+    assert workers.busy() == 0 and sorted(ran) == list(range(8)) and most[0] == 2
+    assert started[2:] == list(range(2, 8))                   # those that waited started in the order they came
+    assert workers.threads() == 2
+    workers.stop()
+
 # 8 ------------------------------------------------------------------------------------------------
 def test_a_low_size_hint_plans_but_the_measured_size_counts():
     device_total = mc.SimulatedDevice(100_000)
