@@ -84,7 +84,8 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         self._ledger = Ledger(self.policy, self.device_budget_bytes, self.reserve_bytes, self.host_budget_bytes,
                               self.monitor.total_bytes(), self.disk_dir is not None)
         self._entries = self._ledger.entries
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()     # the hit path takes it directly (a Condition's with is Python code)
+        self._cond = threading.Condition(self._lock)
         self._backends: Dict[Type[Backend], Backend] = {}
         self._clock = itertools.count(1)
         self._hits = self._misses = self._waiting = 0
@@ -178,14 +179,15 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         (``await asyncio.to_thread(model.run, ...)``, or a thread pool of your own)."""
         return self.use(name, timeout, allow_host=allow_host)
 
-    def _acquire(self, name: str, timeout: Optional[float], *, lease: bool, target: Tier = Tier.DEVICE,
+    def _acquire(self, name: str, timeout: Optional[float], lease: bool, target: Tier = Tier.DEVICE,
                  allow_host: bool = False, request: Optional[Request] = None) -> Tuple[Entry, Any, bool, bool]:
         """Bring ``name`` up to ``target``; with ``lease``, hold it there and return the model,
         whether it was a hit and whether it waited for room."""
-        with self._cond:                                                    # resident: a hit
-            entry = self._get(name)
-            if entry.tier <= target and entry.moving is None:
-                return entry, self._hand_out(entry, lease, hit=True), True, False
+        with self._lock:                                                    # resident: a hit
+            entry = self._entries.get(name)
+            if entry is not None and entry.tier <= target and entry.moving is None and not self._closed:
+                return entry, self._hand_out(entry, lease, True), True, False
+            self._get(name)                          # closed, or not registered: says which
         request = request or Request(timeout)
         try:
             entry, model, hit = self._make_resident(name, request, lease, target, allow_host)
@@ -195,7 +197,7 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
 
     def _try_hit(self, name: str) -> Optional[Tuple[Entry, Any]]:
         """A lease on ``name`` if it is resident now (never waits beyond the lock), else None."""
-        with self._cond:
+        with self._lock:
             entry = self._get(name)
             if entry.tier is Tier.DEVICE and entry.moving is None:
                 return entry, self._hand_out(entry, True, hit=True)
@@ -214,14 +216,13 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         took it already) and its model."""
         if not lease:
             return None
-        self._grant(entry, counted=held)
+        self._grant(entry, held)
         if hit:
             entry.hits += 1
             self._hits += 1
         if self._policy_on_use:
             self.policy.on_use(entry.candidate(entry.device_bytes))
-        assert entry.handle is not None and entry.backend is not None
-        return entry.backend.model(entry.handle)
+        return entry.backend.model(entry.handle)  # type: ignore[union-attr,arg-type]  # resident: both set
 
     def _make_resident(self, name: str, request: Request, lease: bool, target: Tier,
                        allow_host: bool) -> Tuple[Entry, Any, bool]:
@@ -301,7 +302,7 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         entry.last_used = time.time()
 
     def _release(self, entry: Entry) -> None:
-        with self._cond:
+        with self._lock:
             entry.leases -= 1
             if self._waiting or self._closed:
                 self._cond.notify_all()

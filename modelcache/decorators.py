@@ -280,6 +280,8 @@ class _MultiplexedLease(Lease[M]):
             self._ensure()
             return super().acquire()
 
+    __enter__ = acquire      # Lease binds its own acquire to ``with``
+
     async def aacquire(self) -> M:
         try:
             return await super().aacquire()

@@ -14,12 +14,19 @@ from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
 
 from .errors import ModelCacheError
 from .moves import Request
+from .tiers import Tier
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import ModelCache
     from .ledger import Entry
 
 logger = logging.getLogger("modelcache")
+_getframe = sys._getframe
+_DEVICE = Tier.DEVICE
+
+
+def _held_already(name: str) -> ModelCacheError:
+    return ModelCacheError("this lease is already held (or being acquired); release it first", model=name)
 
 #: the type of the model a lease hands out
 M = TypeVar("M", covariant=True)
@@ -34,32 +41,31 @@ class Lease(Generic[M]):
     gives back what one acquire took, however often it is called. A lease garbage-collected while
     held is released, with a warning naming the model and where it was acquired."""
 
-    __slots__ = ("_cache", "name", "timeout", "allow_host", "_entry", "_model", "hit", "waited", "_lock",
+    __slots__ = ("_cache", "name", "timeout", "allow_host", "_entry", "_model", "hit", "waited", "_free",
                  "_where")
 
     def __init__(self, cache: "ModelCache", name: str, timeout: Optional[float], allow_host: bool = False) -> None:
         self._cache, self.name, self.timeout, self.allow_host = cache, name, timeout, allow_host
         self._entry: Optional[Entry] = None
         self._model: Any = None
-        self._lock = threading.Lock()
-        self._where: Any = None
+        self._free = [True]               # one token: taking it (list.pop, atomic) claims the lease
         self.hit: Optional[bool] = None   #: after acquire: True if the model was already on the device
         self.waited = False               #: after acquire: True if it waited for room on the device
 
     def acquire(self) -> M:
         """Make the model resident (waiting up to ``timeout`` seconds) and return it."""
-        if not self._lock.acquire(blocking=False):
-            raise ModelCacheError("this lease is already held (or being acquired); release it first", model=self.name)
+        try:
+            token = self._free.pop()                   # of two threads acquiring it, one gets it
+        except IndexError:
+            raise _held_already(self.name) from None
         try:
             entry, self._model, self.hit, self.waited = self._cache._acquire(
-                self.name, self.timeout, lease=True, allow_host=self.allow_host)
+                self.name, self.timeout, True, _DEVICE, self.allow_host)
         except BaseException:
-            self._lock.release()
+            self._free.append(token)
             raise
-        caller = sys._getframe(1)
-        if caller.f_code.co_name == "__enter__":
-            caller = caller.f_back or caller
-        self._where = (caller.f_code, caller.f_lineno)     # formatted only if it is ever needed
+        caller = _getframe(1)                          # the user's code (also through ``with``)
+        self._where = (caller.f_code, caller.f_lineno)  # formatted only if it is ever needed
         self._entry = entry
         model: M = self._model   # what the backend hands out, typed by the lease's parameter
         return model
@@ -69,8 +75,11 @@ class Lease(Generic[M]):
         worker threads wait (never the event loop's default executor) while this awaits them.
         Cancelled, the request gives its place in line back at once; a move it started goes on
         for a later request."""
-        if not self._lock.acquire(blocking=False):
-            raise ModelCacheError("this lease is already held (or being acquired); release it first", model=self.name)
+        try:
+            token = self._free.pop()
+        except IndexError:
+            raise _held_already(self.name) from None
+        caller = _getframe(1)
         try:
             got = self._cache._try_hit(self.name)
             if got is not None:
@@ -79,11 +88,8 @@ class Lease(Generic[M]):
             else:
                 entry, self._model, self.hit, self.waited = await self._wait_for_it()
         except BaseException:
-            self._lock.release()
+            self._free.append(token)
             raise
-        caller = sys._getframe(1)
-        if caller.f_code.co_name == "__aenter__":
-            caller = caller.f_back or caller
         self._where = (caller.f_code, caller.f_lineno)
         self._entry = entry
         model: M = self._model
@@ -107,12 +113,12 @@ class Lease(Generic[M]):
             future.add_done_callback(give_back)
             raise
 
-    def release(self) -> None:
+    def release(self, *_exc: object) -> None:
         """Give the lease back (idempotent)."""
         entry, self._entry, self._model = self._entry, None, None
         if entry is not None:
             self._cache._release(entry)
-            self._lock.release()
+            self._free.append(True)
 
     def __del__(self) -> None:
         if getattr(self, "_entry", None) is not None:
@@ -136,11 +142,10 @@ class Lease(Generic[M]):
         model: M = self._model
         return model
 
-    def __enter__(self) -> M:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    # no wrapper: this is the hit path of every ``with cache.use(...)`` (a subclass that overrides
+    # acquire binds ``__enter__`` to its own)
+    __enter__ = acquire
+    __exit__ = release
 
     async def __aenter__(self) -> M:
         return await self.aacquire()

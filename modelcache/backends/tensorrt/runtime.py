@@ -250,10 +250,8 @@ class TrtModel:
                                   model=self.name)
         backend, handle = self._backend, self._handle
         memory = backend.memory
-        with memory.device_context(), backend.scratch.slot(handle.scratch_bytes) as scratch, \
-                backend._context(handle) as ctx:
+        with self._execution() as ctx:
             context = ctx.context
-            backend._bind_scratch(context, scratch)
             host_in = {}
             for name, value in feeds.items():
                 array = np.ascontiguousarray(value, dtype=self._dtypes[name])
@@ -283,11 +281,8 @@ class TrtModel:
         ``__cuda_array_interface__``; ``shapes`` gives input shapes for raw addresses."""
         self._alive()
         backend, handle = self._backend, self._handle
-        memory = backend.memory
-        with memory.device_context(), backend.scratch.slot(handle.scratch_bytes) as scratch, \
-                backend._context(handle) as ctx:
+        with self._execution() as ctx:
             context = ctx.context
-            backend._bind_scratch(context, scratch)
             for name, value in inputs.items():
                 iface = getattr(value, "__cuda_array_interface__", None)
                 shape = (shapes or {}).get(name) or (iface or {}).get("shape")
@@ -298,6 +293,16 @@ class TrtModel:
             for name, value in outputs.items():
                 context.set_tensor_address(name, device_pointer(value))
             backend._execute(handle, context, stream)
+
+    @contextlib.contextmanager
+    def _execution(self) -> Iterator[Any]:
+        """An execution context of the engine (its I/O buffers kept with it), in the device's
+        context, with a slot of the shared scratch memory bound to it for the run."""
+        backend, handle = self._backend, self._handle
+        with backend.memory.device_context(), backend.scratch.slot(handle.scratch_bytes) as scratch, \
+                backend._context(handle) as ctx:
+            backend._bind_scratch(ctx.context, scratch)
+            yield ctx
 
     def _alive(self) -> None:
         if not self.valid:
