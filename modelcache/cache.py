@@ -20,7 +20,6 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 from . import closing, decorators
@@ -311,10 +310,9 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         """Wait for another thread's move of ``entry``; re-raise its error if it was bringing the
         model up (the request would have needed that load), ignore it otherwise."""
         try:
-            request.result(moving)
-        except FutureTimeout:
-            raise LeaseTimeoutError(f"timed out after {request.timeout} s waiting for its move to "
-                                    f"{entry.moving_to} to finish", model=entry.name) from None
+            request.result(moving, entry.name, f"waited for its move to {entry.moving_to} to finish")
+        except LeaseTimeoutError:
+            raise
         except ModelCacheError:
             if up:
                 raise

@@ -115,11 +115,9 @@ class Mover:
                 done.set()
         self.workers.start(body)
         try:
-            request.result(moving)
-        except FutureTimeout:
-            raise LeaseTimeoutError(f"not ready after {request.timeout} s: its move goes on in the background, "
-                                    f"and a later request will find it done", model=entry.name) from None
-        except Cancelled:
+            request.result(moving, entry.name, "its move goes on in the background, and a later request "
+                                               "will find it done")
+        except (LeaseTimeoutError, Cancelled):
             raise
         except BaseException as waited:
             done.wait()
@@ -369,19 +367,23 @@ class Request:
         if self.cancelled is not None and self.cancelled.is_set():
             raise Cancelled()
 
-    def result(self, future: "Future[Any]") -> Any:
-        """``future.result()`` until the deadline (``FutureTimeout`` after it); an async request
-        looks every 50 ms whether its caller gave up."""
-        if self.cancelled is None:
-            return future.result(timeout=self.left())
-        while True:
-            self.check()
-            left = self.left()
-            try:
-                return future.result(timeout=0.05 if left is None else min(left, 0.05))
-            except FutureTimeout:
-                if left is not None and left <= 0.05:
-                    raise
+    def result(self, future: "Future[Any]", name: str, what: str) -> Any:
+        """``future.result()`` until the deadline; after it, :class:`LeaseTimeoutError` for model
+        ``name`` saying ``what`` (the wait, or what happens to the work). An async request looks
+        every 50 ms whether its caller gave up."""
+        try:
+            if self.cancelled is None:
+                return future.result(timeout=self.left())
+            while True:
+                self.check()
+                left = self.left()
+                try:
+                    return future.result(timeout=0.05 if left is None else min(left, 0.05))
+                except FutureTimeout:
+                    if left is not None and left <= 0.05:
+                        raise
+        except FutureTimeout:
+            raise LeaseTimeoutError(f"not ready after {self.timeout} s: {what}", model=name) from None
 
 
 def make_deadline(timeout: Optional[float]) -> Optional[float]:

@@ -21,7 +21,7 @@ import functools
 import os
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, cast
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar, cast
 
 import numpy as np
 
