@@ -230,6 +230,9 @@ class DeviceMemory(ABC):
     #: planning figure for the working memory of one run (activations, workspaces) where none
     #: was measured
     run_overhead_bytes: int = 0
+    #: device bytes a runtime keeps for each further thread that runs a session (handles and
+    #: workspaces), for planning before one was measured
+    thread_overhead_bytes: int = 0
 
     def __init__(self) -> None:
         self._working_lock = threading.Lock()

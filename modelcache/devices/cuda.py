@@ -352,6 +352,7 @@ class CudaMemory(DeviceMemory):
     #: planning figure for a runtime session not yet measured (an ONNX Runtime session measured
     #: 16-56 MiB parked on the H100, the plain session a first swap-in checks against more)
     session_overhead_bytes = 128 << 20
+    thread_overhead_bytes = 16 << 20
 
     def __init__(self, monitor: Any) -> None:
         # runtimes make cuBLAS handles per session, and cuBLAS gives each a workspace: with its

@@ -50,7 +50,7 @@ class SimulatedDevice(DeviceMonitor):
 
     def __init__(self, total: Size = "16GiB", *, device: int = 0, name: str = "SimulatedDevice",
                  session_overhead: Size = 0, link_bytes_per_s: Optional[float] = None,
-                 run_overhead: Size = 0) -> None:
+                 run_overhead: Size = 0, thread_overhead: Size = 0) -> None:
         self._total = parse_size(total, what="SimulatedDevice total")
         #: host->device bandwidth that :meth:`copy` takes time from (None: copies are free);
         #: concurrent copies share it equally, as copies over one PCIe link do
@@ -62,6 +62,8 @@ class SimulatedDevice(DeviceMonitor):
         self.session_overhead_bytes = parse_size(session_overhead, what="session_overhead")
         #: device bytes a run takes while it runs (activations, workspaces)
         self.run_overhead_bytes = parse_size(run_overhead, what="run_overhead")
+        #: device bytes a runtime keeps for each further thread that runs a session
+        self.thread_overhead_bytes = parse_size(thread_overhead, what="thread_overhead")
         self.device = device
         self.name = name
         self._lock = threading.Lock()
@@ -236,6 +238,14 @@ class SimulatedMemory(DeviceMemory):
     @run_overhead_bytes.setter
     def run_overhead_bytes(self, nbytes: int) -> None:
         self.device.run_overhead_bytes = nbytes
+
+    @property
+    def thread_overhead_bytes(self) -> int:
+        return self.device.thread_overhead_bytes
+
+    @thread_overhead_bytes.setter
+    def thread_overhead_bytes(self, nbytes: int) -> None:
+        self.device.thread_overhead_bytes = nbytes
 
     def _book_working(self, nbytes: int) -> SimulatedAllocation:
         return self.device.allocate(nbytes, owner="working memory")

@@ -523,3 +523,70 @@ def test_a_session_estimate_beyond_the_budget_does_not_make_a_model_too_large(tm
                        weights_threshold=1024)            # 8 MiB of weights: too large for certain
         with pytest.raises(mc.ModelTooLargeError, match="whole budget"):
             cache.use("big").acquire()
+
+
+def test_caller_threads_run_their_models_themselves_and_are_counted(tmp_path, monkeypatch):
+    """caller_threads=2: the first two threads that run models of an architecture run them on their
+    own thread (the measured state of each counted with the session's bytes); a third thread hands
+    its runs to the session's runner; outputs stay right; the state goes with the session."""
+    from modelcache.devices.base import InlineRunner
+    from modelcache.backends.onnxruntime import callers as callers_module
+    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB", thread_overhead="256KiB")
+    handed = []
+
+    class CountingRunner(InlineRunner):         # the simulated device's runner, counting hand-offs
+        def call(self, fn, *args):
+            handed.append(threading.get_ident())
+            return fn(*args)
+    monkeypatch.setattr(type(device.memory), "new_runner", lambda self, label: CountingRunner())
+    measured = []
+    real_run = callers_module.CallerThreads.run
+
+    def run(self, fn, args, gated):             # which threads became caller threads
+        known = threading.get_ident() in self._threads
+        ran, result = real_run(self, fn, args, gated)
+        if ran and not known:
+            measured.append(threading.get_ident())
+        return ran, result
+    monkeypatch.setattr(callers_module.CallerThreads, "run", run)
+    models = {"a": _mlp(tmp_path, 256, 1), "b": _mlp(tmp_path, 256, 2)}
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
+        for name, (path, _, _) in models.items():
+            cache.register(name, path, weights_threshold=4096, caller_threads=2)
+            with cache.use(name):                # swap-in and warm-up (on the runner); no run here
+                pass
+        handed.clear()
+        weights = sum(cache.info(n).details["weights_bytes"] for n in models)
+        before = cache.stats()["device.accounted_bytes"]
+        assert before == device.process_bytes()
+        finish = threading.Event()
+
+        def serve(done):
+            for _ in range(3):
+                _serve_checked(cache, models)
+            done.set()
+            finish.wait(10)                      # alive until the end: thread ids are not reused
+        threads = []
+        for _ in range(3):                       # three threads, one after another
+            done = threading.Event()
+            threads.append(threading.Thread(target=serve, args=(done,)))
+            threads[-1].start()
+            assert done.wait(30)
+        assert len(measured) == 2 and len(set(measured)) == 2          # two became caller threads
+        third = set(handed)
+        assert len(third) == 1 and not third & set(measured)            # the third handed its runs over
+        assert len(handed) == 3 * len(models)
+        stats = cache.stats()
+        assert stats["device.accounted_bytes"] == before + 2 * 256 * 1024 == device.process_bytes()
+        assert weights < before
+        finish.set()
+        for thread in threads:
+            thread.join()
+        with pytest.raises(mc.ConfigError, match="caller_threads"):
+            cache.register("bad", models["a"][0], caller_threads=-1)
+            cache.prefetch("bad")
+            with cache.use("bad"):
+                pass
+        cache.unregister("a")
+        cache.unregister("b")
+        assert device.process_bytes() == 0

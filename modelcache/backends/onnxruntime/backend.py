@@ -46,7 +46,7 @@ from .weights_mode import WeightsMode
 
 _OPTIONS = {"mode", "weights_threshold", "host_session", "verify", "optimize", "sample_input", "provider_options",
             "session_options", "rtol", "atol", "size_hint", "shared_arena", "shrink_arena", "share_session",
-            "share_threshold", "share_sizes"}
+            "share_threshold", "share_sizes", "caller_threads"}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -82,6 +82,10 @@ class OnnxRuntimeBackend(Backend):
         mode = options.get("mode", "auto")
         if mode not in ("auto", "weights", "session"):
             raise ConfigError(f"mode={mode!r}; use 'auto', 'weights' or 'session'", model=name)
+        callers = options.get("caller_threads", 0)
+        if type(callers) is not int or callers < 0:
+            raise ConfigError(f"caller_threads={callers!r}; use an int >= 0 (threads per architecture that run "
+                              f"its models themselves)", model=name)
         threshold = int(options.get("weights_threshold", MiB))
         proto, base_dir = graph.to_proto(name, value)
         handle = OrtHandle(name)

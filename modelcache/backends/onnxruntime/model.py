@@ -57,11 +57,12 @@ class OrtModel:
                  weight_base: Any, input_names: List[str], output_names: List[str], run_options: Any = None,
                  runner: Optional[Runner] = None, gate: Any = None,
                  signature: Optional[Tuple[List[Any], List[Any]]] = None,
-                 working: Optional[Tuple[Any, int, Any]] = None) -> None:
+                 working: Optional[Tuple[Any, int, Any]] = None, callers: Any = None) -> None:
         self.name = name
         self._signature = signature      # the original model's inputs and outputs (a shared graph's are generic)
         self._gate = gate
         self._runner = runner             # the session's runner (its own thread on a GPU), or None: the caller's
+        self._callers = callers           # callers.CallerThreads: threads that run the session themselves
         self._run_options = run_options   # default RunOptions (e.g. arena shrinkage after each run)
         self._session = session
         self._weights = list(weights)
@@ -189,6 +190,10 @@ class OrtModel:
     def _on_runner(self, fn: Any, *args: Any) -> Any:
         if self._runner is None:
             return fn(*args)
+        if self._callers is not None:
+            ran, result = self._callers.run(fn, args, self._gated)
+            if ran:
+                return result
         return self._runner.call(self._gated, fn, *args)
 
     def _gated(self, fn: Any, *args: Any) -> Any:

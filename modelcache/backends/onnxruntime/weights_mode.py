@@ -25,7 +25,11 @@ from ...errors import InvalidModelError, ModelCacheError
 from . import graph, optimize
 from .graph import group_key
 from .handle import Mode, OrtHandle
+from .callers import CallerThreads
 from .model import OrtModel
+
+#: default of the ``caller_threads`` option (see callers.py)
+CALLER_THREADS = 0
 
 
 class SessionGroup:
@@ -50,6 +54,11 @@ class SessionGroup:
         self.warmup_error: Optional[str] = None
         self.working_bytes = 0          # device bytes one run takes (measured), counted while runs hold it
         self.create_seconds = 0.0       # what making the session again would cost (measured)
+        self.callers: Optional[CallerThreads] = None   # threads that run it themselves (caller_threads)
+
+    def device_bytes(self) -> int:
+        """The session's device bytes, with the state of the threads that run it themselves."""
+        return self.nbytes + (self.callers.nbytes if self.callers is not None else 0)
 
 
 class WeightsMode(Mode):
@@ -89,7 +98,8 @@ class WeightsMode(Mode):
         handle.wrapper = OrtModel(handle.name, group.session, handle.weights, (memory.kind, memory.index), buffer.ptr,
                                   handle.input_names, handle.output_names,
                                   self.backend.sessions.run_options(handle.options), group.runner, gate,
-                                  handle.signature, working=(memory, group.working_bytes, group.key))
+                                  handle.signature, working=(memory, group.working_bytes, group.key),
+                                  callers=group.callers)
         group.runner.call(handle.wrapper.prime)     # weights bound once per residency, on the session's thread
 
     def to_host(self, handle: OrtHandle) -> None:
@@ -137,7 +147,7 @@ class WeightsMode(Mode):
         if group is None:
             return 0
         members = list(group.members)      # a snapshot: others may join or leave
-        carried = group.nbytes if members and members[0] is handle else 0
+        carried = group.device_bytes() if members and members[0] is handle else 0
         resident = next((m for m in members if m.tier is Tier.DEVICE), None)
         if resident is handle:
             carried += group.working_bytes
@@ -147,7 +157,7 @@ class WeightsMode(Mode):
         """The session stays when the model leaves the device; its runs' working memory does not."""
         group = handle.group
         members = list(group.members) if group is not None else []
-        return group.nbytes if group is not None and members and members[0] is handle else 0
+        return group.device_bytes() if group is not None and members and members[0] is handle else 0
 
     def estimated_device_bytes(self, handle: OrtHandle) -> int:
         memory = self.backend.memory
@@ -351,6 +361,10 @@ class WeightsMode(Mode):
             runner.shutdown()
             raise
         group.session, group.runner, group.charge, group.nbytes = session, runner, charge, charge.nbytes
+        limit = int(handle.options.get("caller_threads", CALLER_THREADS))
+        if limit > 0:
+            group.callers = CallerThreads(limit, memory, sessions.gate, sessions.device.shrinking_run_options(),
+                                          owner=handle.name)
         group.create_seconds = time.perf_counter() - start
         with self._lock:
             self._session_bytes_seen = max(self._session_bytes_seen, group.nbytes)
@@ -400,10 +414,13 @@ class WeightsMode(Mode):
         group.session = None
         runner, group.runner = group.runner, None
         charge, group.charge = group.charge, None
+        callers, group.callers = group.callers, None
 
         def cleanup() -> None:
             if charge is not None:
                 charge.free()
+            if callers is not None:
+                callers.free()
             if runner is not None:
                 runner.submit(self._free_on_runner, box)
                 runner.shutdown()
