@@ -6,9 +6,10 @@ one copy. The hand-off costs run time, though: on the H100 a launch-bound model 
 ran up to 1.25x slower through the runner than on the caller's thread, which ran it as fast as a
 plain session (docs/gpu-results-zoo-2026-11-25.md). With ``caller_threads=N`` the first N threads
 that run models of an architecture run them on their own thread; each one's state is measured at
-its first run (the process's device growth over that run, with the arena shrunk after it, other
-runs of the backend held back meanwhile) and counted with the session's bytes, so the budget
-still holds. Other threads hand their runs to the runner. The state goes with the session.
+its first run (the process's device growth over that run, with the arena shrunk after it; taken
+only at a moment when no other run of the backend is in flight, the runner runs it until then)
+and counted with the session's bytes, so the budget still holds. Other threads hand their runs
+to the runner. The state goes with the session.
 """
 from __future__ import annotations
 
@@ -47,12 +48,19 @@ class CallerThreads:
             self._joining += 1
         try:
             # the first run on this thread, alone (a measurement), the arena shrunk after it: what
-            # stays is the thread's own state, not the run's working memory
-            measured = args[:-1] + (self._shrinking,) if self._shrinking is not None else args
-            with self._gate.write(), self._context():
-                result, charge = self._memory.measure(lambda: fn(*measured),
-                                                      expected_bytes=self._memory.thread_overhead_bytes,
-                                                      owner=self._owner)
+            # stays is the thread's own state, not the run's working memory. Only when nothing
+            # else runs or measures now: a measurement would hold every run of the backend back
+            # (a session being made: a second); until then the runner runs it
+            if not self._gate.try_write():
+                return False, None
+            try:
+                measured = args[:-1] + (self._shrinking,) if self._shrinking is not None else args
+                with self._context():
+                    result, charge = self._memory.measure(lambda: fn(*measured),
+                                                          expected_bytes=self._memory.thread_overhead_bytes,
+                                                          owner=self._owner)
+            finally:
+                self._gate.end_write()
             with self._lock:
                 self._charges.append(charge)
                 self.nbytes += charge.nbytes

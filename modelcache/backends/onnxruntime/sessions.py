@@ -141,6 +141,20 @@ class Gate:
                 self._readers -= 1
                 self._cond.notify_all()
 
+    def try_write(self) -> bool:
+        """Begin a measurement if nothing runs or measures now (no waiting); end it with
+        :meth:`end_write`."""
+        with self._cond:
+            if self._writing or self._readers or self._writers_waiting:
+                return False
+            self._writing = True
+            return True
+
+    def end_write(self) -> None:
+        with self._cond:
+            self._writing = False
+            self._cond.notify_all()
+
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:

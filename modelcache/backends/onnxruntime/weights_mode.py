@@ -29,7 +29,7 @@ from .callers import CallerThreads
 from .model import OrtModel
 
 #: default of the ``caller_threads`` option (see callers.py)
-CALLER_THREADS = 0
+CALLER_THREADS = 1
 
 
 class SessionGroup:
