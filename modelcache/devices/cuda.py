@@ -397,7 +397,7 @@ class CudaMemory(DeviceMemory):
         return PinnedPool()
 
     def device_context(self) -> "contextlib.AbstractContextManager[None]":
-        """Work of the block (a TensorRT run on the caller's thread) happens in the device's primary
+        """Work of the block (a run on the caller's thread) happens in the device's primary
         context; a caller's own context (``pycuda.autoinit``) is current again afterwards."""
         return in_primary_context(self.index)
 

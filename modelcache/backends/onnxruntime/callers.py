@@ -13,12 +13,10 @@ to the runner. The state goes with the session.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Any, Callable, ContextManager, List, Set, Tuple
 
 from ...devices.base import Charge, DeviceMemory
-from ...devices.cuda import in_primary_context
 
 
 class CallerThreads:
@@ -71,11 +69,9 @@ class CallerThreads:
                 self._joining -= 1
 
     def _context(self) -> ContextManager[None]:
-        """On a GPU, the device's primary context (a caller with a context of its own, such as
+        """The device's own context for the run (a caller with a context of its own, such as
         ``pycuda.autoinit``'s, gets it back after the run)."""
-        if self._memory.kind == "cuda":
-            return in_primary_context(self._memory.index)
-        return contextlib.nullcontext()
+        return self._memory.device_context()
 
     def free(self) -> None:
         """The session is gone, and with it every thread's state."""
