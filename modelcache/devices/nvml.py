@@ -93,10 +93,19 @@ class NvmlMonitor(DeviceMonitor):
         return self._total
 
     def free_bytes(self) -> int:
+        """Free memory on the device, counting as free what this process freed and is giving back
+        to the driver right now (``devices.cuda.Releaser``: read after NVML, so a release that
+        ends in between is counted once at most)."""
         try:
-            return int(self._pynvml.nvmlDeviceGetMemoryInfo(self._handle).free)
+            free = int(self._pynvml.nvmlDeviceGetMemoryInfo(self._handle).free)
         except Exception as exc:
             raise MonitorError(f"NVML could not read device {self.device}: {exc}") from exc
+        releaser = self._releaser()
+        return free + releaser.pending_bytes if releaser is not None else free
+
+    def _releaser(self) -> Any:
+        memory = self.__dict__.get("_memory")
+        return getattr(memory, "releaser", None)
 
     def processes(self, fresh: bool = False) -> Dict[int, int]:
         """Bytes used per PID by compute processes on this GPU (a reading up to 50 ms old unless
@@ -116,7 +125,11 @@ class NvmlMonitor(DeviceMonitor):
             return dict(table)
 
     def process_bytes(self, pid: Optional[int] = None) -> Optional[int]:
-        """A fresh reading: backends measure allocations with it."""
+        """A fresh reading: backends measure allocations with it. Frees of this process still
+        being given back to the driver are waited for first."""
+        releaser = self._releaser()
+        if releaser is not None and releaser.pending_bytes:
+            releaser.flush()
         return self.processes(fresh=True).get(os.getpid() if pid is None else pid, 0)
 
     def close(self) -> None:
