@@ -422,6 +422,16 @@ def describe_device(device: int) -> Dict[str, Any]:
 CUBLAS_WORKSPACE = ":4096:2"       # cuBLAS workspace per handle: 2 buffers of 4096 KiB
 
 
+def small_cublas_workspaces() -> None:
+    """Ask cuBLAS for small workspaces (``CUBLAS_WORKSPACE_CONFIG``, unless set already). Runtimes
+    make cuBLAS handles per session, and cuBLAS gives each a workspace: with its default size on
+    Hopper a parked ONNX Runtime session holds ~130 MiB, with 2 x 4 MiB ~20 MiB. cuBLAS reads the
+    variable when the process first uses it, so this runs when a GPU is opened (an
+    :class:`~modelcache.NvmlMonitor`, a cache's device memory): a process that ran cuBLAS before
+    keeps its size; set the variable yourself before that to choose another (docs/onnxruntime.md)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+
 class CudaMemory(DeviceMemory):
     """:class:`DeviceMemory` on a CUDA device: stream-ordered buffers on the calling thread's
     stream, pinned host pools, a thread per runtime session, and allocations measured through
@@ -434,11 +444,7 @@ class CudaMemory(DeviceMemory):
     thread_overhead_bytes = 16 << 20
 
     def __init__(self, monitor: Any) -> None:
-        # runtimes make cuBLAS handles per session, and cuBLAS gives each a workspace: with its
-        # default size on Hopper a parked ONNX Runtime session holds ~130 MiB, with 2 x 4 MiB
-        # ~20 MiB. cuBLAS reads this when the process first uses it: set your own value before
-        # that to choose another (docs/onnxruntime.md)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        small_cublas_workspaces()
         super().__init__()
         self.monitor = monitor
         self.index = int(monitor.device)

@@ -74,6 +74,8 @@ class NvmlMonitor(DeviceMonitor):
     def __init__(self, device: Optional[int] = None) -> None:
         self.device = _current_device() if device is None else int(device)
         self._pynvml = _nvml()
+        from .cuda import small_cublas_workspaces
+        small_cublas_workspaces()       # before the process's first cuBLAS use, if it has not come yet
         try:
             self._handle = _nvml_handle(self._pynvml, self.device)
             name = self._pynvml.nvmlDeviceGetName(self._handle)
