@@ -453,6 +453,8 @@ class CudaMemory(DeviceMemory):
         self.releaser = Releaser()
 
     def allocate(self, nbytes: int, owner: str = "") -> DeviceBuffer:
+        if self.releaser.pending_bytes:     # the device never holds freed and new memory at once
+            self.releaser.flush()
         try:
             return DeviceBuffer(nbytes, self.index, self.streams.get(self.index), streams=self.streams,
                                 releaser=self.releaser)
