@@ -590,3 +590,45 @@ def test_caller_threads_run_their_models_themselves_and_are_counted(tmp_path, mo
         cache.unregister("a")
         cache.unregister("b")
         assert device.process_bytes() == 0
+
+
+def test_a_caller_threads_run_beside_the_runners_has_its_working_memory_counted(tmp_path, monkeypatch):
+    """A run on a caller thread and one on the session's runner can be in flight at once (found on
+    the H200: the zoo stress peaked at 1.1-1.2x its budget): each books its working memory on the
+    device, and the cache plans for both while the architecture is resident."""
+    from modelcache.backends.onnxruntime import model as model_module
+    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB", run_overhead="2MiB")
+    path, x, y = _mlp(tmp_path, 256, 1)
+    both_in = threading.Barrier(2, timeout=10)
+    booked = []
+    real = model_module.OrtModel._bind_and_run
+
+    def bind_and_run(self, *args):
+        if not both_in.broken:
+            try:
+                both_in.wait()                       # the two runs are in flight together here
+                booked.append(device.process_bytes())
+            except threading.BrokenBarrierError:
+                pass
+        return real(self, *args)
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
+        cache.register("a", path, weights_threshold=4096, caller_threads=1)
+        with cache.use("a") as m:                     # the caller thread: this one
+            np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+        monkeypatch.setattr(model_module.OrtModel, "_bind_and_run", bind_and_run)
+        idle = device.process_bytes()
+        accounted = cache.stats()["device.accounted_bytes"]
+        outputs = []
+
+        def serve():
+            with cache.use("a") as m:
+                outputs.append(m.run(None, {"x": x})[0])
+        other = threading.Thread(target=serve)      # the test thread is the caller thread: this one hands over
+        with cache.use("a") as m:
+            other.start()
+            outputs.append(m.run(None, {"x": x})[0])
+        other.join(10)
+        both_in.abort()
+        assert len(outputs) == 2 and all(np.allclose(o, y, rtol=RTOL, atol=ATOL) for o in outputs)
+        assert len(booked) == 2 and max(booked) == idle + 2 * 2 * MiB     # two runs' working memory at once
+        assert accounted >= max(booked)                                   # and planned for

@@ -191,18 +191,24 @@ class OrtModel:
         if self._runner is None:
             return fn(*args)
         if self._callers is not None:
-            ran, result = self._callers.run(fn, args, self._gated)
+            ran, result = self._callers.run(fn, args, self._gated_on_caller)
             if ran:
                 return result
         return self._runner.call(self._gated, fn, *args)
 
-    def _gated(self, fn: Any, *args: Any) -> Any:
-        with self._gate.read():   # a run's allocations never overlap a memory measurement
+    def _gated(self, fn: Any, *args: Any, thread: Optional[int] = None) -> Any:
+        """``fn(*args)`` with the gate held for reading (a run's allocations never overlap a memory
+        measurement) and its working memory counted: once per session for runs on its runner (they
+        take turns), once per thread for runs on caller threads (they run beside the runner's)."""
+        with self._gate.read():
             if self._working is None:
                 return fn(*args)
             memory, nbytes, key = self._working
-            with memory.working(nbytes, key):
+            with memory.working(nbytes, key if thread is None else (key, thread)):
                 return fn(*args)
+
+    def _gated_on_caller(self, fn: Any, *args: Any) -> Any:
+        return self._gated(fn, *args, thread=threading.get_ident())
 
     def bind_device_input(self, binding: Any, name: str, array: Any, dtype: Any = None,
                           shape: Optional[Sequence[int]] = None) -> None:

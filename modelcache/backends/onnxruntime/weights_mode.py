@@ -60,6 +60,11 @@ class SessionGroup:
         """The session's device bytes, with the state of the threads that run it themselves."""
         return self.nbytes + (self.callers.nbytes if self.callers is not None else 0)
 
+    def runs_working_bytes(self) -> int:
+        """Working memory the session's runs can hold at once: its runner's run and one on each
+        caller thread (see callers.py)."""
+        return self.working_bytes * (1 + (self.callers.limit if self.callers is not None else 0))
+
 
 class WeightsMode(Mode):
     name = "weights"
@@ -156,7 +161,7 @@ class WeightsMode(Mode):
         carried = group.device_bytes() if members and members[0] is handle else 0
         resident = next((m for m in members if m.tier is Tier.DEVICE), None)
         if resident is handle:
-            carried += group.working_bytes
+            carried += group.runs_working_bytes()
         return carried
 
     def kept_bytes(self, handle: OrtHandle) -> int:
@@ -174,10 +179,11 @@ class WeightsMode(Mode):
         if group is None or group.session is None:
             known = self._known.get(handle.group_key)       # made before, freed since: as measured then
             if known is not None:
-                return handle.weights_nbytes + known[0] + known[1]
+                runs = 1 + int(handle.options.get("caller_threads", CALLER_THREADS))
+                return handle.weights_nbytes + known[0] + known[1] * runs
             return handle.weights_nbytes + self._session_estimate() + memory.run_overhead_bytes
         session = self.shared_bytes(handle) if handle.group is group else 0
-        working = 0 if any(m.tier is Tier.DEVICE for m in list(group.members)) else group.working_bytes
+        working = 0 if any(m.tier is Tier.DEVICE for m in list(group.members)) else group.runs_working_bytes()
         return handle.weights_nbytes + session + working
 
     def estimated_host_bytes(self, handle: OrtHandle) -> int:
