@@ -10,8 +10,9 @@ Endpoints:
   the device, host RAM and disk as the cache decides.
 - ``GET /models``: every model with its tier; ``GET /stats``: ``cache.stats()``;
   ``GET /metrics``: Prometheus (``modelcache.metrics``).
-- ``GET /healthz`` (the process answers) and ``GET /readyz`` (the cache is open and every model
-  file is readable: 503 until then and while shutting down).
+- ``GET /healthz`` (the process answers) and ``GET /readyz`` (startup has finished: the cache is
+  open, onnx and onnxruntime are imported, the model folder exists; 503 until then and while
+  shutting down).
 
 Errors map to HTTP statuses: an unknown model 404, a refused id 400, a bad input 422 (the
 client's), a full device or a timeout 503 with ``Retry-After``, a broken model file or a failed

@@ -75,3 +75,34 @@ def test_a_damaged_sidecar_of_a_parked_plan_is_dropped_and_reloaded(cache, tmp_p
     info = cache.info("e")
     assert "damaged" in info.last_error and info.loads == 2 and not os.path.exists(path + ".json")
     assert json.loads(json.dumps(cache.stats()))["errors.disk"] == 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
+def test_session_mode_files_in_dev_shm_of_an_ended_process_are_reclaimed(tmp_path):
+    """Session mode keeps a parked model as files in /dev/shm: a process killed without close()
+    leaves them, and the next ONNX Runtime backend reclaims them; a process that exits without
+    close() removes them at exit."""
+    import subprocess
+    import sys
+    from modelcache.backends.onnxruntime.sessions import FOLDER_PREFIX
+    from modelcache.tools.generate import make_mlp, save_model
+    path = save_model(make_mlp(256, 2, seed=0), str(tmp_path / "m.onnx"))
+    script = (
+        "import glob, os, sys, numpy as np, modelcache as mc\n"
+        "c = mc.ModelCache(monitor=mc.SimulatedDevice('64MiB'), reserve=0, watch_interval=None)\n"
+        f"c.register('m', {path!r}, mode='session')\n"
+        "with c.use('m') as m: m.run(None, {'x': np.ones((1, 256), np.float32)})\n"
+        "c.evict('m', tier=mc.Tier.HOST)\n"
+        f"found = [p for p in glob.glob('/dev/shm/{FOLDER_PREFIX}%d-*' % os.getpid()) if os.listdir(p)]\n"
+        "print(found[0] if found else '', flush=True)\n"
+        "os._exit(0) if sys.argv[1] == 'kill' else None\n")
+    killed = subprocess.run([sys.executable, "-c", script, "kill"], capture_output=True, text=True, check=True)
+    left = killed.stdout.strip()
+    assert left and os.listdir(left)               # the parked model's files, left behind by os._exit
+    with mc.ModelCache(monitor=mc.SimulatedDevice("64MiB"), reserve=0, watch_interval=None) as cache:
+        cache.register("n", path)
+        with cache.use("n"):                       # the backend starts: it reclaims what ended processes left
+            pass
+        assert not os.path.exists(left)
+    normal = subprocess.run([sys.executable, "-c", script, "exit"], capture_output=True, text=True, check=True)
+    assert normal.stdout.strip() and not os.path.exists(normal.stdout.strip())   # removed at exit

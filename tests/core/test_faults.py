@@ -144,6 +144,39 @@ def test_interrupts_propagate_and_leave_the_cache_consistent(make_cache, interru
         assert model.sum() == 100
 
 
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_an_interrupt_in_a_move_propagates_and_the_model_serves_again(make_cache, monkeypatch, interrupt, timeout):
+    """Ctrl-C (or SystemExit) during a swap-in, inside the backend's move: it reaches the caller
+    (not wrapped as a ModelCacheError), the model is back on the host with nothing held or
+    reserved, the device holds nothing for it, another model keeps serving, and the next request
+    swaps it in."""
+    from modelcache.backends.python import PythonBackend
+    cache = make_cache()
+    cache.register("m", array_loader(1, 100))
+    cache.register("other", array_loader(2, 50))
+    cache.prefetch("m", tier=mc.Tier.HOST).result()
+    real = PythonBackend._to_device_impl
+    calls = []
+
+    def to_device(self, handle):
+        calls.append(handle.name)
+        if handle.name == "m" and calls.count("m") == 1:
+            raise interrupt()
+        return real(self, handle)
+    monkeypatch.setattr(PythonBackend, "_to_device_impl", to_device)
+    with pytest.raises(interrupt):
+        with cache.use("m", timeout=timeout):
+            pass
+    info = cache.info("m")
+    assert info.tier is mc.Tier.HOST and info.moving_to is None and info.leases == 0
+    assert cache.stats()["device.accounted_bytes"] == 0
+    with cache.use("other") as model:
+        assert model.sum() == 2 * 50
+    with cache.use("m") as model:               # the next request swaps it in
+        assert model.sum() == 100 and cache.info("m").tier is mc.Tier.DEVICE
+
+
 # 7 ------------------------------------------------------------------------------------------------
 def test_a_timeout_is_a_promise(make_cache):
     """use(timeout=0.3) with a 3 s loader returns in time; the load finishes for the next request;
