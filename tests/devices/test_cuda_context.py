@@ -160,6 +160,7 @@ def test_onnxruntime_binding_keeps_the_callers_context(fake):
     obj = ort_model.OrtModel.__new__(ort_model.OrtModel)
     obj.name, obj._input_names, obj._specs, obj._device = "bert", ["x"], {}, ("cuda", 0)
     obj._session, obj._weights, obj.valid, obj._runner, obj._run_options = Session(), [], True, None, None
+    obj._context = lambda: cuda.in_primary_context(0)      # what CudaMemory.device_context gives
     binding = obj.io_binding()
     assert made == [PRIMARY] and drv.current == PYCUDA
     obj.bind_device_input(binding, "x", 0xABC000, dtype="float32", shape=[1, 4])
@@ -184,5 +185,35 @@ def test_onnxruntime_binding_on_the_host_is_not_wrapped(fake):
             return {"CPUExecutionProvider": {}}
 
     obj = ort_model.OrtModel.__new__(ort_model.OrtModel)
-    obj._device, obj._session, obj._weights, obj.valid = None, Session(), [], True
+    obj._device, obj._session, obj._weights, obj.valid, obj._context = None, Session(), [], True, None
     assert isinstance(obj.io_binding(), FakeBinding)
+
+
+@pytest.mark.parametrize("mode", ["weights", "session"])
+def test_a_device_sessions_binding_calls_run_in_the_devices_context(tmp_path, monkeypatch, mode):
+    """A model on the device (either swap design) hands out bindings whose calls go through its
+    device's context (``DeviceMemory.device_context``: the primary context on a GPU); no backend
+    asks which kind of device it is."""
+    pytest.importorskip("onnxruntime")
+    import contextlib
+    import numpy as np
+    from modelcache.tools.generate import make_mlp, save_model
+    device = mc.SimulatedDevice("64MiB")
+    entered = []
+
+    @contextlib.contextmanager
+    def recorded():
+        entered.append(1)
+        yield
+    monkeypatch.setattr(type(device.memory), "device_context", lambda self: recorded())
+    path = save_model(make_mlp(64, 2, seed=0), str(tmp_path / "m.onnx"))
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
+        cache.register("m", path, mode=mode, weights_threshold=1024)
+        with cache.use("m") as model:
+            entered.clear()
+            binding = model.io_binding()
+            binding.bind_cpu_input("x", np.ones((1, 64), np.float32))
+            binding.bind_output(model.get_outputs()[0].name, "cpu")
+            model.run_with_iobinding(binding)
+            assert binding.copy_outputs_to_cpu()[0].shape == (1, 64)
+            assert len(entered) >= 4        # making the binding, and each of its three calls

@@ -10,12 +10,12 @@ flight), bind their own inputs and give it back.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ...devices.base import Runner
-from ...devices.cuda import device_pointer, in_primary_context
+from ...devices.cuda import device_pointer
 from ...errors import ModelCacheError, ModelInputError, ModelRunError
 from .graph import ValueInfo, Weight, numpy_dtype
 
@@ -57,8 +57,10 @@ class OrtModel:
                  weight_base: Any, input_names: List[str], output_names: List[str], run_options: Any = None,
                  runner: Optional[Runner] = None, gate: Any = None,
                  signature: Optional[Tuple[List[Any], List[Any]]] = None,
-                 working: Optional[Tuple[Any, int, Any]] = None, callers: Any = None) -> None:
+                 working: Optional[Tuple[Any, int, Any]] = None, callers: Any = None,
+                 context: Optional[Callable[[], ContextManager[None]]] = None) -> None:
         self.name = name
+        self._context = context           # DeviceMemory.device_context of a device session; None on the host
         self._signature = signature      # the original model's inputs and outputs (a shared graph's are generic)
         self._gate = gate
         self._runner = runner             # the session's runner (its own thread on a GPU), or None: the caller's
@@ -151,22 +153,14 @@ class OrtModel:
             self._bindings.append(self._new_binding())
 
     def io_binding(self) -> Any:
-        """A fresh IOBinding with every weight bound (on the device, or from host memory). On a
-        GPU its calls run in the device's primary context, and a caller's own CUDA context
-        (``pycuda.autoinit``) is current again after each (ONNX Runtime would otherwise put the
-        primary context in its place on the caller's thread)."""
-        device = self._cuda_device()
-        if device is not None:
-            with in_primary_context(device):
-                return _CallerContextKept(self._new_binding(), device)
+        """A fresh IOBinding with every weight bound (on the device, or from host memory). For a
+        session on a device its calls run in the device's own context, and a caller's own CUDA
+        context (``pycuda.autoinit``) is current again after each (ONNX Runtime would otherwise
+        put the primary context in its place on the caller's thread)."""
+        if self._context is not None:
+            with self._context():
+                return _CallerContextKept(self._new_binding(), self._context)
         return self._new_binding()
-
-    def _cuda_device(self) -> Optional[int]:
-        """The CUDA device the session runs on, or None."""
-        if self._device is not None:
-            return self._device[1] if self._device[0] == "cuda" else None
-        options = self._session.get_provider_options().get("CUDAExecutionProvider")
-        return int(options.get("device_id", 0)) if options is not None else None
 
     def _new_binding(self) -> Any:
         """ONNX Runtime's IOBinding with every weight bound (on the device, or from host memory)."""
@@ -272,13 +266,14 @@ class OrtModel:
 
 
 class _CallerContextKept:
-    """ONNX Runtime's IOBinding, each of whose calls runs in ``device``'s primary context and gives
-    the calling thread its own context back (see :func:`devices.cuda.in_primary_context`)."""
+    """ONNX Runtime's IOBinding, each of whose calls runs in the device's own context
+    (``context``: :meth:`DeviceMemory.device_context`) and gives the calling thread its own
+    context back (see :func:`devices.cuda.in_primary_context`)."""
 
-    __slots__ = ("binding", "device")
+    __slots__ = ("binding", "context")
 
-    def __init__(self, binding: Any, device: int) -> None:
-        self.binding, self.device = binding, device
+    def __init__(self, binding: Any, context: Callable[[], ContextManager[None]]) -> None:
+        self.binding, self.context = binding, context
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.binding, name)
@@ -286,7 +281,7 @@ class _CallerContextKept:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            with in_primary_context(self.device):
+            with self.context():
                 return attr(*args, **kwargs)
         return call
 

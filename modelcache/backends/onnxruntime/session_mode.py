@@ -65,7 +65,8 @@ class SessionMode(Mode):
         handle.session_device_bytes = max(0, charge.nbytes - nbytes)
         handle.device_bytes = handle.weights_nbytes + handle.session_device_bytes
         handle.wrapper = OrtModel(handle.name, session, [], None, None, handle.input_names, handle.output_names,
-                                  sessions.run_options(handle.options), runner, sessions.gate)
+                                  sessions.run_options(handle.options), runner, sessions.gate,
+                                  context=self.backend.memory.device_context)
 
     def to_host(self, handle: OrtHandle) -> None:
         handle.session = None              # the last reference: its device memory goes now

@@ -105,7 +105,7 @@ class WeightsMode(Mode):
                                   handle.input_names, handle.output_names,
                                   self.backend.sessions.run_options(handle.options), group.runner, gate,
                                   handle.signature, working=(memory, group.working_bytes, group.key),
-                                  callers=group.callers)
+                                  callers=group.callers, context=memory.device_context)
         try:
             # the weights bound once per residency, on the session's thread, while the copy runs:
             # binding takes their addresses only (about 5 us a weight: 1-2 ms for the zoo's models)
