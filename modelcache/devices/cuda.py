@@ -254,8 +254,9 @@ class Releaser:
     takes about 2.5 ms on the H100 (unmapping). Doing that here would make an eviction wait for
     it; a thread of this releaser synchronizes the stream instead. Meanwhile the bytes are
     ``pending_bytes``: :class:`NvmlMonitor` adds them to its free reading and waits for them
-    (:meth:`flush`) before a per-process reading, so readings and measurements see the memory
-    freed, and the cache's own next allocation reuses it from the pool at once."""
+    (:meth:`flush`) before a per-process reading and before the next allocation
+    (:meth:`CudaMemory.allocate`), so readings and measurements see the memory freed and the device
+    never holds an evicted model's memory and its successor's at once."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()

@@ -147,3 +147,23 @@ def test_nvml_readings_see_the_memory_freed_while_it_is_released(fake):
     assert monitor.process_bytes() == 0                # a per-process reading waits for the release
     assert monitor.free_bytes() == 4096 * MiB          # and nothing is counted twice afterwards
     releaser.close()
+
+
+def test_an_allocation_waits_for_frees_still_being_released(fake, monkeypatch):
+    """The device never holds an evicted model's memory and its successor's at once."""
+    memory = cuda.CudaMemory(types.SimpleNamespace(device=0))
+    stream = FakeStream(fake)
+    old = _buffer(fake, stream, 256 * MiB, memory.releaser)
+    fake.sync_gate.clear()
+    old.free()
+    seen = []
+
+    class Recorded:
+        def __init__(self, nbytes, device, stream=None, streams=None, releaser=None):
+            seen.append((fake.used, releaser.pending_bytes))
+    monkeypatch.setattr(cuda, "DeviceBuffer", Recorded)
+    monkeypatch.setattr(memory.streams, "get", lambda device: stream)
+    threading.Timer(0.1, fake.sync_gate.set).start()
+    memory.allocate(128 * MiB)
+    assert seen == [(0, 0)]                  # the old buffer was back with the driver first
+    memory.releaser.close()
