@@ -273,18 +273,15 @@ class Releaser:
     def release(self, stream: "Stream", nbytes: int) -> None:
         """Synchronize ``stream`` (whose order holds a free of ``nbytes``) on the releaser's thread."""
         with self._cond:
-            if self._closed:
-                closed = True
-            else:
-                closed = False
+            if not self._closed:
                 self._queue.append((stream, nbytes))
                 self._pending += nbytes
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._loop, name="modelcache-releaser", daemon=True)
                     self._thread.start()
                 self._cond.notify_all()
-        if closed:
-            stream.synchronize()
+                return
+        stream.synchronize()            # closed: on the freeing thread
 
     def flush(self, timeout: Optional[float] = 10.0) -> bool:
         """Wait until every release queued so far has finished; False if ``timeout`` passed."""

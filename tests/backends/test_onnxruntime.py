@@ -592,7 +592,7 @@ def test_caller_threads_run_their_models_themselves_and_are_counted(tmp_path, mo
         assert device.process_bytes() == 0
 
 
-def test_a_caller_threads_run_beside_the_runners_has_its_working_memory_counted(tmp_path, monkeypatch):
+def test_runs_on_a_caller_thread_and_the_runner_each_count_their_working_memory(tmp_path, monkeypatch):
     """A run on a caller thread and one on the session's runner can be in flight at once (found on
     the H200: the zoo stress peaked at 1.1-1.2x its budget): each books its working memory on the
     device, and the cache plans for both while the architecture is resident."""

@@ -2,6 +2,7 @@
 at once and the releaser's thread synchronizes the stream (which hands the memory to the driver);
 meanwhile NVML readings count the bytes as free and per-process readings wait for them. Against
 a fake CUDA runtime and a fake NVML (the real ones run in the GPU tests)."""
+import contextlib
 import threading
 import types
 
@@ -67,16 +68,8 @@ def fake(monkeypatch):
     monkeypatch.setattr(cuda, "runtime", lambda: rt)
     monkeypatch.setattr(cuda, "set_device", lambda device: None)
     monkeypatch.setattr(cuda, "stream_ordered", lambda device: True)
-    monkeypatch.setattr(cuda, "in_primary_context", lambda device: _null())
+    monkeypatch.setattr(cuda, "in_primary_context", lambda device: contextlib.nullcontext())
     return rt
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _buffer(rt, stream, nbytes, releaser):

@@ -3,6 +3,7 @@ cuBLAS use, unless the user chose a size: a service that runs a plain session (o
 harness its references) before the cache's first swap-in would otherwise give every parked
 session cuBLAS's default workspaces (~130 MiB each on Hopper, measured 2026-12-03 on the H200).
 Against a fake NVML."""
+import os
 import types
 
 from modelcache.devices import cuda, nvml
@@ -26,7 +27,6 @@ def _open(monkeypatch):
 def test_opening_a_gpu_asks_for_small_cublas_workspaces(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monitor = _open(monkeypatch)
-    import os
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == cuda.CUBLAS_WORKSPACE == ":4096:2"
     assert monitor.total_bytes() == 1 << 34
 
@@ -34,5 +34,4 @@ def test_opening_a_gpu_asks_for_small_cublas_workspaces(monkeypatch):
 def test_a_size_the_user_chose_is_kept(monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     _open(monkeypatch)
-    import os
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -32,6 +32,11 @@ from .model import OrtModel
 CALLER_THREADS = 1
 
 
+def caller_threads(options: Dict[str, Any]) -> int:
+    """How many threads may run a session of these options themselves (``caller_threads``)."""
+    return int(options.get("caller_threads", CALLER_THREADS))
+
+
 class SessionGroup:
     """One device session shared by every weights-mode model whose rewritten graph is the same up
     to tensor sizes (same operators, names and small constants; options equal).
@@ -179,8 +184,7 @@ class WeightsMode(Mode):
         if group is None or group.session is None:
             known = self._known.get(handle.group_key)       # made before, freed since: as measured then
             if known is not None:
-                runs = 1 + int(handle.options.get("caller_threads", CALLER_THREADS))
-                return handle.weights_nbytes + known[0] + known[1] * runs
+                return handle.weights_nbytes + known[0] + known[1] * (1 + caller_threads(handle.options))
             return handle.weights_nbytes + self._session_estimate() + memory.run_overhead_bytes
         session = self.shared_bytes(handle) if handle.group is group else 0
         working = 0 if any(m.tier is Tier.DEVICE for m in list(group.members)) else group.runs_working_bytes()
@@ -375,7 +379,7 @@ class WeightsMode(Mode):
             runner.shutdown()
             raise
         group.session, group.runner, group.charge, group.nbytes = session, runner, charge, charge.nbytes
-        limit = int(handle.options.get("caller_threads", CALLER_THREADS))
+        limit = caller_threads(handle.options)
         if limit > 0:
             group.callers = CallerThreads(limit, memory, sessions.gate, sessions.device.shrinking_run_options(),
                                           owner=handle.name)
