@@ -44,7 +44,7 @@ class Publisher:
     ``interval`` seconds, and only when what ``compute`` returns changed (``key`` of it)."""
 
     def __init__(self, compute: Callable[[], Tuple[List[str], Dict[str, Any]]], push: Push, interval: float,
-                 key: Callable[[Tuple[List[str], Dict[str, Any]]], Any] = lambda value: value) -> None:
+                 key: Callable[[Tuple[List[str], Dict[str, Any]]], Any]) -> None:
         self._compute, self._push, self.interval, self._key = compute, push, interval, key
         self._wake = threading.Event()
         self._stopped = threading.Event()

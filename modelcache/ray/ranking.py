@@ -60,8 +60,9 @@ def model_size(model_id: str, residencies: Sequence[Optional[Residency]]) -> int
     known = [n for r in residencies if r is not None for n in [r.nbytes(model_id)] if n is not None]
     if known:
         return max(known)
-    sizes = [nbytes for r in residencies if r is not None for _, nbytes in r.models.values() if nbytes > 0]
-    return int(sum(sizes) / len(sizes)) if sizes else 0
+    total = sum(r.sizes_sum for r in residencies if r is not None)
+    count = sum(r.sizes_count for r in residencies if r is not None)
+    return total // count if count else 0
 
 
 def replica_keys(replicas: Sequence[R], model_id: str, *, sent: Optional[Sent] = None,
@@ -136,9 +137,7 @@ def order_replicas(replicas: Sequence[R], model_id: str, *,
 def _device_models(replica: ReplicaLike, parse: Callable[[Any], Optional[Residency]]) -> int:
     """How many models are on ``replica``'s devices (or loading there)."""
     res = parse(replica.routing_stats)
-    if res is None:
-        return len(replica.multiplexed_model_ids or ())
-    return sum(1 for tier, _ in res.models.values() if TIER_RANK.get(tier) == 0)
+    return len(replica.multiplexed_model_ids or ()) if res is None else res.on_device
 
 
 def _recent(sent: Optional[Sent], replica_id: Hashable, now: float, ttl: float) -> Dict[str, Tuple[float, int]]:

@@ -45,7 +45,7 @@ from ..tiers import Tier
 from .devices import DEFAULT_SIMULATED_TOTAL, make_caches_for_replica
 from .errors import MissingModelIdError, ReplicaSetupError
 from .publish import Publisher, controller_push
-from .residency import device_model_ids, residency_stats
+from .residency import device_room, device_model_ids, residency_stats
 from .routing import INSTALL
 
 logger = logging.getLogger("modelcache.ray")
@@ -194,7 +194,10 @@ class ModelCacheReplica:
                                       "handle.options(multiplexed_model_id=...) or the "
                                       "'serve_multiplexed_model_id' HTTP header")
         index = self._cache_for(model_id)
-        inner = self._mc_loaders[index](model_id, self.lease_timeout if isinstance(timeout, str) else timeout)
+        try:
+            inner = self._mc_loaders[index](model_id, self.lease_timeout if isinstance(timeout, str) else timeout)
+        finally:
+            self._placed(model_id)
         return ReplicaLease(self, model_id, inner)
 
     def prepare(self, model_ids: Sequence[str], *, swap_in: bool = False,
@@ -205,7 +208,10 @@ class ModelCacheReplica:
         futures: List[Tuple[str, ModelCache, "Future[Any]"]] = []
         for model_id in model_ids:
             index = self._cache_for(model_id)
-            self._mc_loaders[index](model_id)                # registers the id
+            try:
+                self._mc_loaders[index](model_id)            # registers the id
+            finally:
+                self._placed(model_id)
             cache = self.model_caches[index]
             futures.append((model_id, cache, cache.prefetch(model_id, tier=Tier.HOST, timeout=timeout)))
         for model_id, cache, future in futures:
@@ -243,22 +249,26 @@ class ModelCacheReplica:
     # ---------------------------------------------------------------- bookkeeping
     def _cache_for(self, model_id: str) -> int:
         """The index of the cache that holds (or will hold) ``model_id``: where it is registered,
-        else the one with the most room."""
+        else the one with the most room (kept in ``_mc_where`` only until the id's loader call has
+        registered it there, or refused it: see :meth:`_placed`)."""
+        if len(self.model_caches) == 1:
+            return 0
+        for k, cache in enumerate(self.model_caches):
+            if model_id in cache:
+                return k
         with self._mc_lock:
             index = self._mc_where.get(model_id)
-        if index is not None:
-            return index
-        if len(self.model_caches) == 1:
-            index = 0
-        else:
-            registered = [k for k, cache in enumerate(self.model_caches) if model_id in cache]
-            index = registered[0] if registered else max(range(len(self.model_caches)), key=self._room)
+        if index is None:
+            index = max(range(len(self.model_caches)), key=lambda k: device_room(self.model_caches[k]))
         with self._mc_lock:
             return self._mc_where.setdefault(model_id, index)
 
-    def _room(self, index: int) -> int:
-        stats = self.model_caches[index].stats()
-        return int(stats["device.budget_bytes"]) - int(stats["device.accounted_bytes"])
+    def _placed(self, model_id: str) -> None:
+        """``model_id``'s loader call is over: registered in its cache (which now says where it is)
+        or refused (a bad id): the choice need not be kept."""
+        if len(self.model_caches) > 1:
+            with self._mc_lock:
+                self._mc_where.pop(model_id, None)
 
     def _begin(self, model_id: str) -> None:
         with self._mc_lock:

@@ -38,9 +38,18 @@ ABSENT_RANK = 3
 _TIER_NAMES = {Tier.DEVICE: DEVICE, Tier.HOST: HOST, Tier.DISK: DISK}
 
 
+def device_room(cache: "ModelCache", stats: Optional[Mapping[str, Any]] = None) -> int:
+    """Device bytes a swap-in may take in ``cache`` now without evicting: its budget less what it
+    accounts, and at most the device's free memory less the reserve (other processes count)."""
+    stats = cache.stats() if stats is None else stats
+    room = int(stats["device.budget_bytes"]) - int(stats["device.accounted_bytes"])
+    if "device.free_bytes" in stats:
+        room = min(room, int(stats["device.free_bytes"]) - int(stats["device.reserve_bytes"]))
+    return max(0, room)
+
+
 def residency_stats(caches: Sequence["ModelCache"], *, prefix: str = "", loading: Collection[str] = (),
-                    sizes: Optional[Mapping[str, int]] = None,
-                    devices: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, Any]:
+                    sizes: Optional[Mapping[str, int]] = None) -> Dict[str, Any]:
     """The routing stats of a replica holding ``caches`` (see the module docstring).
 
     Args:
@@ -50,26 +59,20 @@ def residency_stats(caches: Sequence["ModelCache"], *, prefix: str = "", loading
         loading: model ids that a request on this replica is bringing to the device now.
         sizes: device bytes per cache name, measured at earlier swap-ins (models not on the
             device report these, else their host bytes).
-        devices: a description per cache (default: its device ordinal and whether it is simulated).
     """
     models: Dict[str, List[Any]] = {}
     per_device: List[Dict[str, Any]] = []
     free_best = 0
     budget_total = 0
     sizes = sizes or {}
-    for k, cache in enumerate(caches):
+    for cache in caches:
         stats = cache.stats()
         budget = int(stats["device.budget_bytes"])
-        room = budget - int(stats["device.accounted_bytes"])
-        if "device.free_bytes" in stats:       # other processes' memory counts too (the reserve)
-            room = min(room, int(stats["device.free_bytes"]) - int(stats["device.reserve_bytes"]))
-        room = max(0, room)
+        room = device_room(cache, stats)
         free_best = max(free_best, room)
         budget_total += budget
-        described = dict(devices[k]) if devices is not None and k < len(devices) else \
-            {"device": cache.device, "simulated": bool(getattr(cache.monitor, "simulated", False))}
-        described.update(budget_bytes=budget, free_bytes=room)
-        per_device.append(described)
+        per_device.append({"device": cache.device, "simulated": bool(getattr(cache.monitor, "simulated", False)),
+                           "budget_bytes": budget, "free_bytes": room})
         for info in cache.entries():
             if not info.name.startswith(prefix):
                 continue
@@ -103,6 +106,17 @@ class Residency:
     models: Dict[str, Tuple[str, int]] = field(default_factory=dict)   #: id -> (tier, device bytes)
     free_bytes: int = 0
     budget_bytes: int = 0
+    #: models on the device or loading there; the sum and count of the sizes reported (> 0):
+    #: derived from ``models`` once, as routers read them for every request
+    on_device: int = field(init=False, default=0)
+    sizes_sum: int = field(init=False, default=0)
+    sizes_count: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        sizes = [nbytes for _, nbytes in self.models.values() if nbytes > 0]
+        object.__setattr__(self, "on_device", sum(1 for tier, _ in self.models.values() if TIER_RANK.get(tier) == 0))
+        object.__setattr__(self, "sizes_sum", sum(sizes))
+        object.__setattr__(self, "sizes_count", len(sizes))
 
     @classmethod
     def from_stats(cls, stats: Any) -> Optional["Residency"]:
@@ -130,4 +144,4 @@ class Residency:
 
 
 __all__ = ["STATS_KEY", "STATS_VERSION", "DEVICE", "LOADING", "HOST", "DISK", "TIER_RANK", "Residency",
-           "residency_stats", "device_model_ids"]
+           "residency_stats", "device_room", "device_model_ids"]

@@ -71,8 +71,6 @@ class ModelCacheRouter(MultiplexMixin, RequestRouter):
         model_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         if not model_id:
             return [list(candidate_replicas)]
-        if not hasattr(self, "_sent"):        # initialize_state not called (a router built by hand)
-            self.initialize_state()
         cache = self.replica_queue_len_cache
         ordered = order_replicas(candidate_replicas, model_id, queue_lens={r.replica_id: cache.get(r.replica_id)
                                                                            for r in candidate_replicas},
@@ -89,7 +87,7 @@ class ModelCacheRouter(MultiplexMixin, RequestRouter):
         """Remember where a model id went: until that replica reports it, later requests for the
         id go there too (and its free room counts the model as taken)."""
         model_id = pending_request.metadata.multiplexed_model_id
-        if model_id and hasattr(self, "_sent"):
+        if model_id:
             replica = self._replicas.get(replica_id)
             res = self._residency(replica.routing_stats) if replica is not None else None
             if res is None or res.rank(model_id) != 0:

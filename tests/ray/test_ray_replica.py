@@ -76,6 +76,10 @@ def test_several_caches_new_ids_go_where_there_is_room():
     with r.lease("m0"):                                     # an id stays in its cache
         pass
     assert "m0" in caches[where["m0"]] and "m0" not in caches[1 - where["m0"]]
+    for k in range(50):                                     # ids the check refuses leave nothing behind
+        with pytest.raises(mc.ConfigError):
+            r.lease(f"../x{k}")
+    assert r._mc_where == {}                                # placements are kept only until registered
     r.close_model_caches()
     assert all(c._closed for c in caches)
 
@@ -91,15 +95,28 @@ def test_publisher_pushes_when_residency_changes_at_most_every_interval():
             time.sleep(0.02)
         time.sleep(0.1)
         assert pushed == [["a"]]                            # unchanged: pushed once
-        state["models"] = {"a": ["device", 1], "b": ["device", 1]}
-        p.poke()
-        deadline = time.monotonic() + 2
-        while len(pushed) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert pushed[-1] == ["a", "b"]
+        start, k = time.monotonic(), 0
+        while time.monotonic() - start < 0.4:               # changing all the time, poked every 5 ms
+            k += 1
+            state["models"] = {"a": ["device", 1], f"b{k}": ["device", 1]}
+            p.poke()
+            time.sleep(0.005)
+        elapsed = time.monotonic() - start
+        time.sleep(0.1)
+        assert 3 <= len(pushed) - 1 <= elapsed / 0.05 + 2  # changes pushed, at most one per interval
     finally:
         p.close()
+
+
+def test_a_push_waits_for_a_change_of_residency_not_of_every_reading():
+    """Free room moves a little with every reading of a real GPU: it counts in 1/64 steps of the budget."""
+    from modelcache.ray.replica import _push_key
+    stats = {"models": {"a": ["device", 100]}, "free_bytes": 60_000, "budget_bytes": 640_000}
+    base = _push_key((["a"], stats))
+    assert _push_key((["a"], dict(stats, free_bytes=60_000 + 9_000))) == base          # < budget/64
+    assert _push_key((["a"], dict(stats, free_bytes=60_000 + 11_000))) != base         # > budget/64
+    assert _push_key((["a"], dict(stats, models={"a": ["host", 100]}))) != base         # a tier moved
+    assert _push_key((["a", "b"], stats)) != base
 
 
 def test_publisher_survives_a_failing_push(caplog):
@@ -109,7 +126,7 @@ def test_publisher_survives_a_failing_push(caplog):
         calls.append(1)
         raise RuntimeError("controller restarting")
 
-    p = Publisher(lambda: (["a"], {}), push, 0.01)
+    p = Publisher(lambda: (["a"], {}), push, 0.01, key=lambda value: value)
     try:
         p.poke()
         deadline = time.monotonic() + 2
