@@ -12,8 +12,10 @@ with other weights). Without torch, or with ``--builders``, the CPU builders of
 For every model, next to a plain ONNX Runtime session created as a user would (default options,
 the device's provider) and measured in the same run:
 - mode chosen by ``mode="auto"`` and why; its deviation from the plain session on a sample input;
-- swap-in (median of ``--swaps``), the pinned-copy floor for its weights and the ratio; swap-out;
-  the first result after an eviction;
+- swap-in (median of ``--swaps``), the pinned-copy floor for its weights (a sample in each swap
+  cycle) and the ratio; swap-out; the first result after an eviction, and its first run against
+  the plain session's run after as long an idle as the swap-in (the device idles during a copy,
+  and any first run after an idle gap is slower);
 - run time, median of ``--runs`` interleaved runs: plain session vs the model held through a lease;
   ``with cache.use(...)`` + run vs run (the median of paired differences), and a lease alone (a hit);
 - the device bytes its architecture's session keeps while parked (measured by the cache, and the
@@ -22,7 +24,8 @@ the device's provider) and measured in the same run:
 Goals (exit 1 if one is missed; ``--no-goals`` to only report): every model in weights mode; run
 time <= 1.05x the plain session on a GPU (1.15x on the CPU); use()+run <= run + 50 us; on a GPU,
 swap-in <= 1.2x the floor for models of >= 100 MiB, swap-out <= 2 ms, first result after an
-eviction <= swap-in + 1.1x run, and a parked architecture <= 32 MiB.
+eviction <= swap-in + 1.1x run (the larger of the steady run and the plain session's run after the
+same idle), and a parked architecture <= 32 MiB.
 """
 from __future__ import annotations
 
@@ -168,26 +171,22 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def copy_floor(memory: Any, pool: Any, nbytes: int, repeats: int) -> Optional[float]:
-    """Median seconds of allocating a device buffer, copying ``nbytes`` into it from pinned host
-    memory and synchronizing: what a swap-in cannot beat."""
+def copy_floor(memory: Any, block: Any, nbytes: int) -> Optional[float]:
+    """Seconds of allocating a device buffer, copying ``nbytes`` into it from pinned host memory
+    (``block``) and synchronizing: what a swap-in cannot beat. None off a GPU."""
     if memory.kind != "cuda":
         return None
-    block = pool.get(nbytes)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        buf = memory.allocate(nbytes)
-        memory.copy_to_device(buf.ptr, block.ptr, nbytes)
-        memory.synchronize()
-        times.append(time.perf_counter() - start)
-        buf.free()
-    pool.put(block)
-    return statistics.median(times[1:])
+    start = time.perf_counter()
+    buf = memory.allocate(nbytes)
+    memory.copy_to_device(buf.ptr, block.ptr, nbytes)
+    memory.synchronize()
+    elapsed = time.perf_counter() - start
+    buf.free()
+    return elapsed
 
 
 def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], runs: int, swaps: int,
-            floor_of: Callable[[int], Optional[float]], session_options: Dict[str, Any]) -> Dict[str, Any]:
+            floor_sample: Callable[[int], Optional[float]], session_options: Dict[str, Any]) -> Dict[str, Any]:
     import onnxruntime as ort
     row: Dict[str, Any] = {"model": name}
     so = ort.SessionOptions()
@@ -247,10 +246,16 @@ def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], ru
                # paired, interleaved: use()+run minus the run just after it (drift cancels out)
                use_overhead_us=statistics.median(u - h for u, h in zip(used_t, held2_t)) * 1e6,
                lease_us=lease_s * 1e6)
-    # swaps
-    ins, outs, firsts = [], [], []
+    # swaps, each cycle next to a floor sample (allocate, copy from pinned memory, synchronize) and
+    # a plain run after as long an idle as the swap-in (the device idles during a copy: the first
+    # run after any idle gap is slower, a plain session's too)
+    weights = int(details.get("weights_bytes") or 0)
+    ins, outs, firsts, floors, idle_runs = [], [], [], [], []
     for _ in range(swaps):
         outs.append(_timed(lambda: cache.evict(name)))
+        floor = floor_sample(weights)
+        if floor is not None:
+            floors.append(floor)
         lease = cache.use(name, timeout=600)
         start = time.perf_counter()
         m = lease.acquire()
@@ -258,12 +263,15 @@ def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], ru
         m.run(None, feed)
         firsts.append(time.perf_counter() - start)
         lease.release()
+        time.sleep(ins[-1])
+        idle_runs.append(_timed(lambda: plain.run(None, feed)))
     cache.evict(name)
-    weights = int(details.get("weights_bytes") or 0)
-    floor = floor_of(weights)
+    floor = statistics.median(floors) if floors else None
     row.update(swap_in_ms=statistics.median(ins) * 1e3, swap_out_ms=statistics.median(outs) * 1e3,
                first_result_ms=statistics.median(firsts) * 1e3, floor_ms=floor * 1e3 if floor else None,
-               swap_ratio=statistics.median(ins) / floor if floor else None)
+               swap_ratio=statistics.median(ins) / floor if floor else None,
+               first_run_ms=statistics.median(f - i for f, i in zip(firsts, ins)) * 1e3,
+               plain_after_idle_ms=statistics.median(idle_runs) * 1e3)
     info = cache.info(name)
     row.update(session_bytes=info.details.get("session_device_bytes"),
                shared_by=info.details.get("session_shared_by"))
@@ -288,7 +296,8 @@ def goals(row: Dict[str, Any], gpu: bool) -> List[str]:
             missed.append(f"swap-in {row['swap_ratio']:.2f}x the floor")
         if row["swap_out_ms"] > 2.0:
             missed.append(f"swap-out {row['swap_out_ms']:.2f} ms")
-        if row["first_result_ms"] > row["swap_in_ms"] + 1.1 * row["run_ms"]:
+        # "run": the plain session's run after an idle as long as the swap-in (see measure)
+        if row["first_result_ms"] > row["swap_in_ms"] + 1.1 * max(row["run_ms"], row["plain_after_idle_ms"]):
             missed.append(f"first result {row['first_result_ms']:.2f} ms after an eviction")
     return missed
 
@@ -335,15 +344,17 @@ def main() -> int:
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
     memory = cache.monitor.memory
     pool = memory.new_host_pool()
-    floors: Dict[int, Optional[float]] = {}
+    blocks: Dict[int, Any] = {}
 
-    def floor_of(nbytes: int) -> Optional[float]:
-        if nbytes not in floors:
-            floors[nbytes] = copy_floor(memory, pool, nbytes, a.swaps)
-        return floors[nbytes]
+    def floor_sample(nbytes: int) -> Optional[float]:
+        if nbytes not in blocks:
+            blocks[nbytes] = pool.get(nbytes)
+            copy_floor(memory, blocks[nbytes], nbytes)     # a first copy warms the path up
+        return copy_floor(memory, blocks[nbytes], nbytes)
 
     head = (f"{'model':<22} {'mode':<8} {'deviation':>9} {'weights':>9} {'swap-in':>8} {'floor':>7} {'ratio':>5} "
-            f"{'out':>6} {'first':>7} {'plain':>7} {'mc run':>7} {'ratio':>6} {'use+':>6} {'parked':>8}")
+            f"{'out':>6} {'first':>7} {'1st run':>7} {'idle':>6} {'plain':>7} {'mc run':>7} {'ratio':>6} {'use+':>6} "
+            f"{'parked':>8}")
     print(f"device: {'GPU ' + cache.monitor.name if gpu else 'CPU (simulated device)'}; onnxruntime "
           f"{ort.__version__}; options {options}", flush=True)
     print(head + "\n" + "-" * len(head), flush=True)
@@ -352,7 +363,7 @@ def main() -> int:
         cache.register(name, path, backend="onnxruntime", **options)
         before = cache.monitor.process_bytes()
         try:
-            row = measure(cache, name, path, providers, a.runs, a.swaps, floor_of, session_options)
+            row = measure(cache, name, path, providers, a.runs, a.swaps, floor_sample, session_options)
         except Exception as exc:
             row = {"model": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         after = cache.monitor.process_bytes()
@@ -367,7 +378,8 @@ def main() -> int:
         print(f"{name:<22} {row['mode']:<8} {row['deviation']:>9.2e} {row['weights_bytes'] / MiB:>7.0f}Mi "
               f"{ms(row['swap_in_ms']):>8} {ms(row['floor_ms']):>7} "
               f"{'-' if row['swap_ratio'] is None else format(row['swap_ratio'], '.2f'):>5} {ms(row['swap_out_ms']):>6} "
-              f"{ms(row['first_result_ms']):>7} {ms(row['plain_run_ms']):>7} {ms(row['run_ms']):>7} "
+              f"{ms(row['first_result_ms']):>7} {ms(row['first_run_ms']):>7} {ms(row['plain_after_idle_ms']):>6} "
+              f"{ms(row['plain_run_ms']):>7} {ms(row['run_ms']):>7} "
               f"{row['run_ratio']:>6.3f} {row['use_overhead_us']:>5.0f}u "
               f"{(row['session_bytes'] or 0) / MiB:>6.0f}Mi"
               + (f" nvml+{row['nvml_growth_parked'] / MiB:.0f}Mi" if "nvml_growth_parked" in row else "")
@@ -398,6 +410,8 @@ def main() -> int:
                        "onnxruntime": ort.__version__, "options": options, "rows": rows, "parked": parked,
                        "stats": stats, "missed": missed}, f, indent=1, default=str)
     cache.close()
+    for block in blocks.values():
+        pool.put(block)
     pool.close()
     return 1 if missed and not a.no_goals else 0
 

@@ -243,21 +243,30 @@ class DeviceMemory(ABC):
         """Count ``nbytes`` of runtime working memory (a run's activations and workspaces) while the
         block runs, once per ``key`` however many runs of it are in flight (runs of one runtime
         session take turns on its runner). A simulated device books it meanwhile."""
+        self.begin_working(nbytes, key)
+        try:
+            yield
+        finally:
+            self.end_working(key)
+
+    def begin_working(self, nbytes: int, key: Any) -> None:
+        """:meth:`working` without a context manager (a run's hot path); end it with
+        :meth:`end_working` of the same ``key``."""
         with self._working_lock:
             held = self._working.get(key)
             if held is None:
                 booking = self._book_working(nbytes)     # may raise DeviceOutOfMemoryError
                 held = self._working[key] = [0, nbytes, booking]
             held[0] += 1
-        try:
-            yield
-        finally:
-            with self._working_lock:
-                held[0] -= 1
-                if held[0] == 0:
-                    del self._working[key]
-                    if held[2] is not None:
-                        held[2].free()
+
+    def end_working(self, key: Any) -> None:
+        with self._working_lock:
+            held = self._working[key]
+            held[0] -= 1
+            if held[0] == 0:
+                del self._working[key]
+                if held[2] is not None:
+                    held[2].free()
 
     def working_bytes(self) -> int:
         """Device bytes of working memory held by runs in flight (see :meth:`working`)."""

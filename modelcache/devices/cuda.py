@@ -21,7 +21,7 @@ import functools
 import os
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, cast
 
 import numpy as np
 
@@ -113,26 +113,35 @@ def primary_context(device: int) -> int:
     return _primary(device)[0]
 
 
-@contextlib.contextmanager
-def in_primary_context(device: int) -> Iterator[None]:
+class in_primary_context:  # noqa: N801 - used like the function it was
     """Run the block in ``device``'s primary context. If the calling thread had another context
     current (``pycuda.autoinit``'s, or a primary context of another device), it is current
     again afterwards, whatever the block did; a thread with no context, or with this one, costs
-    one ``cuCtxGetCurrent`` (about a microsecond)."""
-    drv = driver()
-    saved = check_driver(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
-    handle = as_int(saved) if saved is not None else 0
-    primary, ctx = _primary(device)
-    if not handle or handle == primary:
-        yield
-        return
-    # the driver API, not cudaSetDevice: the runtime skips the switch when it believes the
-    # thread is on this device already, leaving the caller's context current for our work
-    check_driver(drv.cuCtxSetCurrent(ctx), f"cuCtxSetCurrent(primary context of device {device})")
-    try:
-        yield
-    finally:
-        check_driver(drv.cuCtxSetCurrent(saved), "cuCtxSetCurrent (giving the caller its context back)")
+    one ``cuCtxGetCurrent`` (about a microsecond). A class, not a generator: it is entered on
+    every run of a model on a caller's thread."""
+
+    __slots__ = ("device", "_saved")
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        self._saved: Any = None
+
+    def __enter__(self) -> None:
+        drv = driver()
+        saved = check_driver(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        handle = as_int(saved) if saved is not None else 0
+        primary, ctx = _primary(self.device)
+        if not handle or handle == primary:
+            return
+        # the driver API, not cudaSetDevice: the runtime skips the switch when it believes the
+        # thread is on this device already, leaving the caller's context current for our work
+        check_driver(drv.cuCtxSetCurrent(ctx), f"cuCtxSetCurrent(primary context of device {self.device})")
+        self._saved = saved
+
+    def __exit__(self, *exc: Any) -> None:
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            check_driver(driver().cuCtxSetCurrent(saved), "cuCtxSetCurrent (giving the caller its context back)")
 
 
 F = TypeVar("F", bound=Callable[..., Any])

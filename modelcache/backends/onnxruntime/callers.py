@@ -32,6 +32,10 @@ class CallerThreads:
         self._lock = threading.Lock()
         self.nbytes = 0
 
+    def member(self) -> bool:
+        """Whether the calling thread is one of the session's caller threads."""
+        return threading.get_ident() in self._threads
+
     def run(self, fn: Callable[..., Any], args: Tuple[Any, ...], gated: Callable[..., Any]) -> Tuple[bool, Any]:
         """Run ``fn(*args)`` on this thread if it is one of the session's caller threads (through
         ``gated``, as the runner would), or becomes one now (its first run measured). Returns

@@ -93,7 +93,7 @@ class OrtHandle(Handle):
 
     def shared_device(self) -> Optional[Tuple[Any, int]]:
         group = self.group
-        return (group.key, group.nbytes) if group is not None and group.session is not None else None
+        return (group.key, group.kept_bytes()) if group is not None and group.session is not None else None
 
     def shared_seconds(self) -> float:
         group = self.group

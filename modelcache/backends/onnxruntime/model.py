@@ -24,7 +24,7 @@ class InputSpec:
     """What a run checks each input against: its numpy dtype (None: not checked) and shape (an
     int per fixed dimension, None per symbolic one; None for an unknown rank)."""
 
-    __slots__ = ("name", "dtype", "shape", "declared")
+    __slots__ = ("name", "dtype", "shape", "declared", "exact")
 
     def __init__(self, info: Any) -> None:
         self.name = info.name
@@ -33,6 +33,8 @@ class InputSpec:
         self.dtype = np.dtype(dtype) if dtype is not None else None
         self.shape = None if info.shape is None else tuple(d if isinstance(d, int) and d > 0 else None
                                                            for d in info.shape)
+        # the one shape a fully declared input takes (the fast check); None: checked dimension by dimension
+        self.exact = self.shape if self.shape is not None and None not in self.shape else None
 
     def problem(self, value: Any) -> Optional[str]:
         """Why ``value`` does not fit, or None."""
@@ -184,11 +186,41 @@ class OrtModel:
     def _on_runner(self, fn: Any, *args: Any) -> Any:
         if self._runner is None:
             return fn(*args)
-        if self._callers is not None:
-            ran, result = self._callers.run(fn, args, self._gated_on_caller)
+        callers = self._callers
+        if callers is not None:
+            if callers.member():
+                return self._run_here(fn, args)
+            ran, result = callers.run(fn, args, self._gated_on_caller)   # becomes one, if it may
             if ran:
                 return result
         return self._runner.call(self._gated, fn, *args)
+
+    def _run_here(self, fn: Any, args: Tuple[Any, ...]) -> Any:
+        """``fn(*args)`` on this caller thread: in the device's context, the gate held for reading
+        and the run's working memory counted for this thread (see :meth:`_gated`). Spelled out
+        rather than nested ``with`` blocks: it is the hot path of every run."""
+        context = self._context() if self._context is not None else None
+        if context is not None:
+            context.__enter__()
+        try:
+            gate = self._gate
+            gate.acquire_read()
+            try:
+                working = self._working
+                if working is None:
+                    return fn(*args)
+                memory, nbytes, key = working
+                key = (key, threading.get_ident())
+                memory.begin_working(nbytes, key)
+                try:
+                    return fn(*args)
+                finally:
+                    memory.end_working(key)
+            finally:
+                gate.release_read()
+        finally:
+            if context is not None:
+                context.__exit__(None, None, None)
 
     def _gated(self, fn: Any, *args: Any, thread: Optional[int] = None) -> Any:
         """``fn(*args)`` with the gate held for reading (a run's allocations never overlap a memory
@@ -239,7 +271,17 @@ class OrtModel:
 
     def _checked(self, feed: Dict[str, Any]) -> Dict[str, np.ndarray]:
         """The feed as contiguous numpy arrays, checked against the declared inputs."""
-        self._alive()
+        if not self.valid:
+            self._alive()
+        if type(feed) is dict and feed.keys() == self._required:    # the usual feed: a fast check
+            specs = self._specs
+            for key, value in feed.items():
+                spec = specs.get(key)
+                if not (type(value) is np.ndarray and value.flags.c_contiguous
+                        and (spec is None or (value.dtype == spec.dtype and value.shape == spec.exact))):
+                    break
+            else:
+                return feed
         if not isinstance(feed, dict):
             raise ModelInputError(f"input_feed must be a dict of name -> array, not {type(feed).__name__}",
                                   model=self.name)

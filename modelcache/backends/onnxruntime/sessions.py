@@ -15,6 +15,8 @@ import tempfile
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Set
 
+import numpy as np
+
 from ..._fileio import reclaim_stale
 from ..._optional import require
 from ...devices.base import DeviceMemory
@@ -50,6 +52,12 @@ class CpuProvider:
     def shrinking_run_options(self) -> Any:
         """RunOptions for a run after which the device arena gives back what the run took (None:
         the provider keeps no arena on a device)."""
+        return None
+
+    def arena_shrinker(self) -> Any:
+        """A one-node session on the shared device arena whose run (with
+        :meth:`shrinking_run_options`) gives the arena's free memory back to the driver; None
+        where there is no shared arena."""
         return None
 
 
@@ -91,6 +99,23 @@ class CudaProvider(CpuProvider):
         run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.device}")
         return run_options
 
+    def arena_shrinker(self) -> Any:
+        if self.device not in _env_arenas:
+            return None
+        onnx = require("onnx", "the onnxruntime backend", "pip install onnx")
+        helper = onnx.helper
+        node = helper.make_node("Identity", ["x"], ["y"])
+        proto = helper.make_model(helper.make_graph(
+            [node], "modelcache-arena-shrinker", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
+            opset_imports=[helper.make_opsetid("", 13)])
+        proto.ir_version = min(proto.ir_version, 8)
+        ort = ort_module()
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.configure(so, {}, weights_as_inputs=True)
+        return ort.InferenceSession(proto.SerializeToString(), sess_options=so, providers=self.providers({}))
+
     def _shared_arena(self) -> bool:
         """One CUDA arena shared by every session of the process (registered once per device with
         ``create_and_register_allocator_v2``: the first version takes CPU devices only), so N
@@ -130,15 +155,23 @@ class Gate:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
+        self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    def acquire_read(self) -> None:
+        """Begin reading (end it with :meth:`release_read`): the hot path of every run."""
         with self._cond:
             while self._writing or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers and self._writers_waiting:    # only a writer waits for readers
                 self._cond.notify_all()
 
     def try_write(self) -> bool:
@@ -182,6 +215,7 @@ class Sessions:
         self.cpu = CpuProvider()
         self.gate = Gate()       # device allocations and runs (shared) vs a memory measurement (exclusive)
         self._disk_dir = disk_dir
+        self._shrinker: Any = None          # (runner, session) of shrink_arena, made at its first call
         self._scratch: Optional[str] = None
         self._shm: Optional[str] = None
         self._lock = threading.Lock()
@@ -227,6 +261,31 @@ class Sessions:
     def run_options(self, options: Dict[str, Any]) -> Any:
         return self.device.run_options(options)
 
+    def shrink_arena(self) -> None:
+        """Give the free memory of the shared device arena back to the driver. The arena keeps
+        what runs allocated (their working memory) until it is shrunk; a session's runs are
+        counted with the session for that reason (``WeightsMode.kept_bytes``), and once a session
+        is gone the memory its runs left in the arena goes too. Runs on a thread of its own (ONNX
+        Runtime keeps state for each thread that runs a session); nothing without a shared arena."""
+        with self._lock:
+            if self._shrinker is None:
+                runner = self.memory.new_runner("ort-arena")
+                try:
+                    session = runner.call(self.device.arena_shrinker)
+                except BaseException:
+                    runner.shutdown()
+                    raise
+                if session is None:
+                    runner.shutdown()
+                self._shrinker = (runner if session is not None else None, session)
+            runner, session = self._shrinker
+        if session is None:
+            return
+        feed = {"x": np.zeros(1, np.float32)}
+        shrink = self.device.shrinking_run_options()
+        with self.gate.read():
+            runner.call(session.run, None, feed, shrink)
+
     # files ------------------------------------------------------------------------------------
     def host_files_dir(self, nbytes: int) -> str:
         """/dev/shm (RAM) when it has room for twice ``nbytes``, else the scratch folder."""
@@ -261,7 +320,12 @@ class Sessions:
         return path
 
     def close(self) -> None:
-        """Remove this backend's folders (files in RAM, scratch); safe to call more than once."""
+        """Remove this backend's folders (files in RAM, scratch) and end the arena shrinker's
+        thread; safe to call more than once."""
+        with self._lock:
+            shrinker, self._shrinker = self._shrinker, None
+        if shrinker is not None and shrinker[0] is not None:
+            shrinker[0].shutdown()
         for folder in (self._scratch, self._shm):
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -13,6 +13,7 @@ first member.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -27,6 +28,8 @@ from .graph import group_key
 from .handle import Mode, OrtHandle
 from .callers import CallerThreads
 from .model import OrtModel
+
+logger = logging.getLogger("modelcache")
 
 #: default of the ``caller_threads`` option (see callers.py)
 CALLER_THREADS = 1
@@ -69,6 +72,12 @@ class SessionGroup:
         """Working memory the session's runs can hold at once: its runner's run and one on each
         caller thread (see callers.py)."""
         return self.working_bytes * (1 + (self.callers.limit if self.callers is not None else 0))
+
+    def kept_bytes(self) -> int:
+        """What the group keeps on the device while its session exists, resident or parked: the
+        session, and its runs' working memory, which the shared arena keeps after they end (it
+        goes back to the driver once the session is gone: ``Sessions.shrink_arena``)."""
+        return self.device_bytes() + self.runs_working_bytes()
 
 
 class WeightsMode(Mode):
@@ -156,24 +165,18 @@ class WeightsMode(Mode):
 
     # accounting --------------------------------------------------------------------------------
     def shared_bytes(self, handle: OrtHandle) -> int:
-        """What this handle carries of its group's device memory: the session's bytes if it is the
-        group's first member, and the working memory of the group's runs if it is the first of
-        them on the device (runs happen only there, one at a time per session)."""
+        """What this handle carries of its group's device memory: all of it (the session and its
+        runs' working memory, :meth:`SessionGroup.kept_bytes`) if it is the group's first member,
+        on the device or parked; nothing otherwise."""
         group = handle.group
         if group is None:
             return 0
         members = list(group.members)      # a snapshot: others may join or leave
-        carried = group.device_bytes() if members and members[0] is handle else 0
-        resident = next((m for m in members if m.tier is Tier.DEVICE), None)
-        if resident is handle:
-            carried += group.runs_working_bytes()
-        return carried
+        return group.kept_bytes() if members and members[0] is handle else 0
 
     def kept_bytes(self, handle: OrtHandle) -> int:
-        """The session stays when the model leaves the device; its runs' working memory does not."""
-        group = handle.group
-        members = list(group.members) if group is not None else []
-        return group.device_bytes() if group is not None and members and members[0] is handle else 0
+        """The session and its runs' working memory stay when the model leaves the device."""
+        return self.shared_bytes(handle)
 
     def estimated_device_bytes(self, handle: OrtHandle) -> int:
         memory = self.backend.memory
@@ -186,9 +189,8 @@ class WeightsMode(Mode):
             if known is not None:
                 return handle.weights_nbytes + known[0] + known[1] * (1 + caller_threads(handle.options))
             return handle.weights_nbytes + self._session_estimate() + memory.run_overhead_bytes
-        session = self.shared_bytes(handle) if handle.group is group else 0
-        working = 0 if any(m.tier is Tier.DEVICE for m in list(group.members)) else group.runs_working_bytes()
-        return handle.weights_nbytes + session + working
+        # the group's first member carries its session and working memory, on the device or parked
+        return handle.weights_nbytes + (self.shared_bytes(handle) if handle.group is group else 0)
 
     def estimated_host_bytes(self, handle: OrtHandle) -> int:
         return handle.block.nbytes if handle.block is not None else align(handle.weights_nbytes)
@@ -435,15 +437,21 @@ class WeightsMode(Mode):
         callers, group.callers = group.callers, None
 
         def cleanup() -> None:
+            if runner is not None:
+                try:     # on its runner, where ONNX Runtime keeps the thread's CUDA handles
+                    runner.call(self._free_on_runner, box)
+                finally:
+                    runner.shutdown()
+            else:
+                box.clear()
+            try:    # what its runs left in the shared arena goes back to the driver too
+                self.backend.sessions.shrink_arena()
+            except Exception:       # pragma: no cover - the arena stays as it was; nothing is lost
+                logger.warning("modelcache: shrinking the shared ONNX Runtime arena failed", exc_info=True)
             if charge is not None:
                 charge.free()
             if callers is not None:
                 callers.free()
-            if runner is not None:
-                runner.submit(self._free_on_runner, box)
-                runner.shutdown()
-            else:
-                box.clear()
         return cleanup
 
     def _free_on_runner(self, box: List[Any]) -> None:

@@ -40,6 +40,10 @@ class Contender:
         """(models on the device, models on the host)."""
         return (0, 0)
 
+    def accounted_bytes(self) -> Optional[int]:
+        """Device bytes the contender's own books hold now (None: it keeps none)."""
+        return None
+
     def swap_ins(self) -> int:
         return 0
 
@@ -84,6 +88,9 @@ class ModelCacheContender(Contender):
                 self.cache.evict(spec.name)
                 report(task, len(specs) + k + 1, total)
         self._prepared = self.cache.stats().get("onnxruntime.sessions.created", 0)
+        self._base_accounted = 0
+        with self.cache._lock:       # parked sessions are in both baselines
+            self._base_accounted = self.cache._ledger.accounted_bytes()
         super().__init__(monitor)     # the baseline: after parking every model on the host
 
     def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool, bool]:
@@ -97,6 +104,10 @@ class ModelCacheContender(Contender):
     def tiers(self) -> Tuple[int, int]:
         stats = self.cache.stats()
         return int(stats["models.device"]), int(stats["models.host"])
+
+    def accounted_bytes(self) -> Optional[int]:
+        with self.cache._lock:      # a consistent reading of the ledger, as the cache's own planning takes
+            return self.cache._ledger.accounted_bytes() - self._base_accounted
 
     def swap_ins(self) -> int:
         return int(self.cache.stats().get("swap_in.count", 0))

@@ -36,6 +36,11 @@ def table(report: Dict[str, Any]) -> List[str]:
                 f"for room; sessions: sessions created during the run ({report.get('architectures', '?')} "
                 f"architecture(s); lru-count and naive create one per load)")
     for name, c in report["contenders"].items():
+        if c.get("accounted_at_peak_bytes") is not None:
+            rows.append(f"{name}: at the peak device reading its books held "
+                        f"{format_bytes(c['accounted_at_peak_bytes'])} (their own peak "
+                        f"{format_bytes(c['peak_accounted_bytes'] or 0)}; both since the start, as the device bytes)")
+    for name, c in report["contenders"].items():
         if c["first_error"]:
             rows.append(f"{name}: first failure: {c['first_error']}")
     return rows

@@ -89,6 +89,8 @@ class Result:
     samples: int = 0                 #: device readings taken (every 10 ms)
     samples_over_budget: int = 0     #: readings above the budget
     waited: int = 0                  #: requests that waited for room
+    accounted_at_peak: Optional[int] = None   #: the contender's books at the peak device reading
+    peak_accounted_bytes: Optional[int] = None   #: the books' own peak (over the same samples)
     median_swap_in_s: Optional[float] = None
     latencies: List[float] = field(default_factory=list)
     hit_flags: List[bool] = field(default_factory=list)
@@ -106,6 +108,7 @@ class Result:
             "peak_over_budget": self.peak_device_bytes / self.budget_bytes if self.budget_bytes else None,
             "samples": self.samples, "samples_over_budget": self.samples_over_budget,
             "waited_share": self.waited / self.requests if self.requests else 0.0,
+            "accounted_at_peak_bytes": self.accounted_at_peak, "peak_accounted_bytes": self.peak_accounted_bytes,
             "oom": self.oom, "wrong": self.wrong, "errors": self.errors, "first_error": self.first_error,
             "median_swap_in_ms": None if self.median_swap_in_s is None else self.median_swap_in_s * 1e3,
         }
@@ -140,6 +143,7 @@ def run_contender(contender: Contender, trace: Sequence[str], specs: Dict[str, M
         on_device = on_host = 0
         while not stop.wait(0.01):
             try:
+                books = contender.accounted_bytes()
                 dev = contender.device_bytes()
                 if tick % 5 == 0:
                     on_device, on_host = contender.tiers()
@@ -148,7 +152,11 @@ def run_contender(contender: Contender, trace: Sequence[str], specs: Dict[str, M
             tick += 1
             result.samples += 1
             result.samples_over_budget += bool(budget and dev > budget)
+            if dev > result.peak_device_bytes or result.samples == 1:
+                result.accounted_at_peak = books
             result.peak_device_bytes = max(result.peak_device_bytes, dev)
+            if books is not None:
+                result.peak_accounted_bytes = max(result.peak_accounted_bytes or 0, books)
             if tick % 5 == 0:
                 result.timeline.append([time.perf_counter() - start, dev, on_device, on_host])
             if progress and tick % 5 == 0:
