@@ -86,6 +86,7 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         self._lock = threading.Lock()     # the hit path takes it directly (a Condition's with is Python code)
         self._cond = threading.Condition(self._lock)
         self._backends: Dict[Type[Backend], Backend] = {}
+        self._reclaiming = False          # a backend gives back memory its runtime kept (_reclaim_locked)
         self._clock = itertools.count(1)
         self._hits = self._misses = self._waiting = 0
         self._closed = False
@@ -317,6 +318,32 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
             if up:
                 raise
 
+    def _reclaim_locked(self) -> bool:
+        """Lock held (released meanwhile): before models are evicted for room, backends give back
+        device memory their runtimes keep without need (``Backend.reclaim_device_bytes``). True
+        if one did (or another thread's reclaim finished meanwhile)."""
+        if self._reclaiming:
+            while self._reclaiming:
+                self._cond.wait()
+            return True
+        backends = [b for b in self._backends.values() if b.reclaimable_device_bytes() > 0]
+        if not backends:
+            return False
+        self._reclaiming = True
+        self._lock.release()
+        try:
+            for backend in backends:
+                try:
+                    backend.reclaim_device_bytes()
+                except Exception:           # pragma: no cover - nothing given back; models are evicted instead
+                    logger.warning("modelcache: %s could not give back device memory", type(backend).__name__,
+                                   exc_info=True)
+        finally:
+            self._lock.acquire()
+            self._reclaiming = False
+            self._cond.notify_all()
+        return True
+
     def _plan_swap_in(self, entry: Entry, request: Request) -> Optional[Reservation]:
         """Lock held: reserve device room for ``entry`` and pick victims, or wait (lock released
         meanwhile) and return None. While older requests wait for room, this one lines up behind
@@ -328,6 +355,8 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         place = request.place
         if ledger.first_in_line(place) and (self.max_swap_ins is None
                                              or len(ledger.reservations) < self.max_swap_ins):
+            if ledger.accounted_bytes() + need > ledger.device_budget and self._reclaim_locked():
+                return None                         # memory runtimes kept went back: plan again
             victims = ledger.choose_victims(need, entry, self.monitor.free_bytes(), request.waited_s())
         if victims is None:                         # no room yet, no swap-in slot, or older requests first
             request.check()                         # gave up: no place in line again

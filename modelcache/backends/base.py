@@ -176,6 +176,16 @@ class Backend(ABC):
         """Backend-wide counters for ``ModelCache.stats()`` (prefixed with the backend's name)."""
         return {}
 
+    def reclaimable_device_bytes(self) -> int:
+        """Device bytes counted in the models' figures that the runtime keeps without need (memory
+        its runs left in an arena, of models off the device) and :meth:`reclaim_device_bytes`
+        gives back without moving any model. Called with the cache's lock held: a cheap figure."""
+        return 0
+
+    def reclaim_device_bytes(self) -> None:
+        """Give :meth:`reclaimable_device_bytes` back to the device (the cache calls it, without
+        its lock, before it evicts models or drops shared memory to make room)."""
+
     def close(self) -> None:
         """Release backend-wide resources (pools, streams)."""
 

@@ -634,19 +634,21 @@ def test_runs_on_a_caller_thread_and_the_runner_each_count_their_working_memory(
         assert accounted >= max(booked)                                   # and planned for
 
 
-def test_a_parked_session_keeps_its_runs_working_memory_until_it_goes(tmp_path, monkeypatch):
+def test_a_parked_session_keeps_its_runs_working_memory_until_the_arena_gives_it_back(tmp_path, monkeypatch):
     """ONNX Runtime's shared arena keeps what runs allocated after they end (on the H200 the zoo
-    stress peaked 6-7 % over its budget while the books held it): a session's runs' working
-    memory is counted with the session, resident or parked, and when the session goes the arena
-    is shrunk, so the memory goes back with it."""
+    stress peaked 6-7 % over its budget while the books held it): a parked architecture's runs'
+    working memory stays counted until the arena is shrunk, which the cache asks for before it
+    evicts a model or drops a session for room, and which happens when a session goes."""
     from modelcache.backends.onnxruntime import sessions as sessions_module
     shrinks = []
     real = sessions_module.Sessions.shrink_arena
     monkeypatch.setattr(sessions_module.Sessions, "shrink_arena", lambda self: (shrinks.append(1), real(self)))
     device = mc.SimulatedDevice("64MiB", session_overhead="1MiB", run_overhead="2MiB")
-    path, x, y = _mlp(tmp_path, 256, 1)
+    path_a, x, y = _mlp(tmp_path, 256, 1)
+    path_b, xb, yb = _mlp(tmp_path, 384, 2)
     with mc.ModelCache(monitor=device, reserve=0, watch_interval=None, disk_dir=str(tmp_path / "disk")) as cache:
-        cache.register("a", path, weights_threshold=4096, caller_threads=1)
+        cache.register("a", path_a, weights_threshold=4096, caller_threads=1)
+        cache.register("b", path_b, weights_threshold=4096, caller_threads=1)
         with cache.use("a") as m:
             np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
         details = cache.info("a").details
@@ -654,13 +656,28 @@ def test_a_parked_session_keeps_its_runs_working_memory_until_it_goes(tmp_path, 
         assert working == 4 * MiB
         resident = cache.stats()["device.accounted_bytes"]
         cache.evict("a")
-        parked = cache.info("a")
-        assert parked.tier is mc.Tier.HOST
-        assert cache.stats()["device.parked_bytes"] >= details["session_device_bytes"] + working
+        assert cache.info("a").tier is mc.Tier.HOST
+        assert cache.stats()["device.parked_bytes"] == details["session_device_bytes"] + working
         assert cache.stats()["device.accounted_bytes"] == resident - details["weights_bytes"]
         assert not shrinks
-        cache.evict("a", tier=mc.Tier.DISK)                   # below the host: the session goes
-        assert cache.stats()["device.accounted_bytes"] == 0 and cache.stats()["device.parked_bytes"] == 0
-        assert shrinks                                     # and the arena gave back its runs' memory
+        # room for b within a budget that the parked working memory would exceed: the arena is
+        # shrunk first; a's session stays (no model evicted, no session dropped)
+        with cache.use("b") as m:
+            np.testing.assert_allclose(m.run(None, {"x": xb})[0], yb, rtol=RTOL, atol=ATOL)
+        cache.evict("b")
+        need_b = cache.info("b").details["weights_bytes"]
+        parked = cache.stats()["device.parked_bytes"]
+        cache.device_budget_bytes = cache.stats()["device.accounted_bytes"] + need_b - MiB
+        cache._ledger.device_budget = cache.device_budget_bytes
+        shrinks.clear()
+        with cache.use("b") as m:
+            np.testing.assert_allclose(m.run(None, {"x": xb})[0], yb, rtol=RTOL, atol=ATOL)
+        assert shrinks, "the arena was not shrunk before making room"
+        assert cache.stats()["onnxruntime.sessions"] == 2                 # a's session kept
+        assert cache.info("a").tier is mc.Tier.HOST and cache.stats()["device.parked_bytes"] < parked
+        assert cache.stats()["device.accounted_bytes"] <= cache.device_budget_bytes
+        shrinks.clear()
+        cache.evict("a", tier=mc.Tier.DISK)                # below the host: a's session goes, and the arena shrinks
+        assert shrinks
         with cache.use("a") as m:                          # made again, as measured before
             np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)

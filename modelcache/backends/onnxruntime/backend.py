@@ -227,6 +227,17 @@ class OnnxRuntimeBackend(Backend):
             handle.host_wrapper = handle.ops.host_model(handle)
         return handle.host_wrapper
 
+    def _weights_mode(self) -> WeightsMode:
+        mode = self.modes["weights"]
+        assert isinstance(mode, WeightsMode)
+        return mode
+
+    def reclaimable_device_bytes(self) -> int:
+        return self._weights_mode().reclaimable_bytes()
+
+    def reclaim_device_bytes(self) -> None:
+        self._weights_mode().reclaim()
+
     def stats(self) -> Dict[str, Any]:
         return cast(WeightsMode, self.modes["weights"]).stats()
 

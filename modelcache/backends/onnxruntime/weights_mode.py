@@ -63,6 +63,10 @@ class SessionGroup:
         self.working_bytes = 0          # device bytes one run takes (measured), counted while runs hold it
         self.create_seconds = 0.0       # what making the session again would cost (measured)
         self.callers: Optional[CallerThreads] = None   # threads that run it themselves (caller_threads)
+        # its runs' working memory may still be in the shared arena (it ran since the arena was
+        # last shrunk while the group was off the device)
+        self.retained = False
+        self.joins = 0                  # swap-ins of its members so far (see WeightsMode.reclaim)
 
     def device_bytes(self) -> int:
         """The session's device bytes, with the state of the threads that run it themselves."""
@@ -73,11 +77,15 @@ class SessionGroup:
         caller thread (see callers.py)."""
         return self.working_bytes * (1 + (self.callers.limit if self.callers is not None else 0))
 
+    def resident(self) -> bool:
+        return any(m.tier is Tier.DEVICE for m in list(self.members))
+
     def kept_bytes(self) -> int:
-        """What the group keeps on the device while its session exists, resident or parked: the
-        session, and its runs' working memory, which the shared arena keeps after they end (it
-        goes back to the driver once the session is gone: ``Sessions.shrink_arena``)."""
-        return self.device_bytes() + self.runs_working_bytes()
+        """What the group keeps on the device while its session exists: the session, and its runs'
+        working memory while a member is on the device or the shared arena may still keep what
+        they left (until it is shrunk: ``WeightsMode.reclaim``, and when the session goes)."""
+        working = self.runs_working_bytes() if self.retained or self.resident() else 0
+        return self.device_bytes() + working
 
 
 class WeightsMode(Mode):
@@ -115,6 +123,8 @@ class WeightsMode(Mode):
             raise
         handle.device_weights = buffer
         handle.device_bytes = nbytes      # plus the group's session if it carries it
+        group.retained = True             # it runs: the arena keeps its working memory
+        group.joins += 1
         handle.wrapper = OrtModel(handle.name, group.session, handle.weights, (memory.kind, memory.index), buffer.ptr,
                                   handle.input_names, handle.output_names,
                                   self.backend.sessions.run_options(handle.options), group.runner, gate,
@@ -202,6 +212,26 @@ class WeightsMode(Mode):
                 "session_device_bytes": group.nbytes if group else 0,
                 "working_bytes": group.working_bytes if group else 0,
                 "session_warmup_error": group.warmup_error if group else None}
+
+    def reclaimable_bytes(self) -> int:
+        """Working memory of groups off the device that the shared arena may still keep."""
+        with self._lock:
+            groups = list(self._groups.values())
+        return sum(g.runs_working_bytes() for g in groups if g.retained and g.session is not None and not g.resident())
+
+    def reclaim(self) -> None:
+        """Shrink the shared arena: what runs of groups off the device left there goes back to the
+        driver, and those groups stop counting it (groups on the device keep counting theirs)."""
+        with self._lock:
+            parked = [(g, g.joins) for g in self._groups.values() if g.retained and not g.resident()]
+        if not parked:
+            return
+        try:
+            self.backend.sessions.shrink_arena()
+        finally:    # cleared even if the shrink failed: the cache would ask again and again
+            for group, joins in parked:
+                if group.joins == joins and not group.resident():   # one that came back meanwhile keeps it
+                    group.retained = False
 
     def stats(self) -> Dict[str, Any]:
         with self._lock:
