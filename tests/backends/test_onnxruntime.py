@@ -540,15 +540,14 @@ def test_caller_threads_run_their_models_themselves_and_are_counted(tmp_path, mo
             return fn(*args)
     monkeypatch.setattr(type(device.memory), "new_runner", lambda self, label: CountingRunner())
     measured = []
-    real_run = callers_module.CallerThreads.run
+    real_join = callers_module.CallerThreads.join
 
-    def run(self, fn, args, gated):             # which threads became caller threads
-        known = threading.get_ident() in self._threads
-        ran, result = real_run(self, fn, args, gated)
-        if ran and not known:
+    def join(self, fn, args):                  # which threads became caller threads
+        ran, result = real_join(self, fn, args)
+        if ran:
             measured.append(threading.get_ident())
         return ran, result
-    monkeypatch.setattr(callers_module.CallerThreads, "run", run)
+    monkeypatch.setattr(callers_module.CallerThreads, "join", join)
     models = {"a": _mlp(tmp_path, 256, 1), "b": _mlp(tmp_path, 256, 2)}
     with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
         for name, (path, _, _) in models.items():

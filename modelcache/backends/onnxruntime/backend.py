@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Dict, Optional, Tuple, cast
+from typing import Any, Dict, Optional, Tuple
 
 from ..._fileio import atomic_write, model_file, read_into, read_verified, remove_quietly
 from ...devices.host import HostBlock
@@ -239,7 +239,7 @@ class OnnxRuntimeBackend(Backend):
         self._weights_mode().reclaim()
 
     def stats(self) -> Dict[str, Any]:
-        return cast(WeightsMode, self.modes["weights"]).stats()
+        return self._weights_mode().stats()
 
     def close(self) -> None:
         self.pool.close()

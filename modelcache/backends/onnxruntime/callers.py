@@ -36,14 +36,12 @@ class CallerThreads:
         """Whether the calling thread is one of the session's caller threads."""
         return threading.get_ident() in self._threads
 
-    def run(self, fn: Callable[..., Any], args: Tuple[Any, ...], gated: Callable[..., Any]) -> Tuple[bool, Any]:
-        """Run ``fn(*args)`` on this thread if it is one of the session's caller threads (through
-        ``gated``, as the runner would), or becomes one now (its first run measured). Returns
-        (False, None) if the thread must hand the run to the runner instead."""
+    def join(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> Tuple[bool, Any]:
+        """Make the calling thread one of the session's caller threads, if there is a place and
+        it may be measured now, by running ``fn(*args)`` on it (its first run, measured). Returns
+        (False, None) if the thread must hand the run to the runner instead. Members run without
+        it (``OrtModel``, :meth:`member`)."""
         ident = threading.get_ident()
-        if ident in self._threads:
-            with self._context():
-                return True, gated(fn, *args)
         with self._lock:
             if len(self._threads) + self._joining >= self.limit:
                 return False, None

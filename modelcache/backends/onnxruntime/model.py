@@ -190,51 +190,38 @@ class OrtModel:
         if callers is not None:
             if callers.member():
                 return self._run_here(fn, args)
-            ran, result = callers.run(fn, args, self._gated_on_caller)   # becomes one, if it may
+            ran, result = callers.join(fn, args)     # becomes one, if it may (that first run measured)
             if ran:
                 return result
         return self._runner.call(self._gated, fn, *args)
 
     def _run_here(self, fn: Any, args: Tuple[Any, ...]) -> Any:
-        """``fn(*args)`` on this caller thread: in the device's context, the gate held for reading
-        and the run's working memory counted for this thread (see :meth:`_gated`). Spelled out
-        rather than nested ``with`` blocks: it is the hot path of every run."""
-        context = self._context() if self._context is not None else None
-        if context is not None:
-            context.__enter__()
-        try:
-            gate = self._gate
-            gate.acquire_read()
-            try:
-                working = self._working
-                if working is None:
-                    return fn(*args)
-                memory, nbytes, key = working
-                key = (key, threading.get_ident())
-                memory.begin_working(nbytes, key)
-                try:
-                    return fn(*args)
-                finally:
-                    memory.end_working(key)
-            finally:
-                gate.release_read()
-        finally:
-            if context is not None:
-                context.__exit__(None, None, None)
+        """``fn(*args)`` on this caller thread, in the device's context (see :meth:`_gated`)."""
+        if self._context is None:
+            return self._gated(fn, *args, thread=threading.get_ident())
+        with self._context():
+            return self._gated(fn, *args, thread=threading.get_ident())
 
     def _gated(self, fn: Any, *args: Any, thread: Optional[int] = None) -> Any:
         """``fn(*args)`` with the gate held for reading (a run's allocations never overlap a memory
         measurement) and its working memory counted: once per session for runs on its runner (they
-        take turns), once per thread for runs on caller threads (they run beside the runner's)."""
-        with self._gate.read():
+        take turns), once per thread for runs on caller threads (they run beside the runner's).
+        Begin/end calls rather than context managers: it is the hot path of every run."""
+        gate = self._gate
+        gate.acquire_read()
+        try:
             if self._working is None:
                 return fn(*args)
             memory, nbytes, key = self._working
-            with memory.working(nbytes, key if thread is None else (key, thread)):
+            if thread is not None:
+                key = (key, thread)
+            memory.begin_working(nbytes, key)
+            try:
                 return fn(*args)
-
-    def _gated_on_caller(self, fn: Any, *args: Any) -> Any:
-        return self._gated(fn, *args, thread=threading.get_ident())
+            finally:
+                memory.end_working(key)
+        finally:
+            gate.release_read()
 
     def bind_device_input(self, binding: Any, name: str, array: Any, dtype: Any = None,
                           shape: Optional[Sequence[int]] = None) -> None:

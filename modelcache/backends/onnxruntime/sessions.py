@@ -263,10 +263,11 @@ class Sessions:
 
     def shrink_arena(self) -> None:
         """Give the free memory of the shared device arena back to the driver. The arena keeps
-        what runs allocated (their working memory) until it is shrunk; a session's runs are
-        counted with the session for that reason (``WeightsMode.kept_bytes``), and once a session
-        is gone the memory its runs left in the arena goes too. Runs on a thread of its own (ONNX
-        Runtime keeps state for each thread that runs a session); nothing without a shared arena."""
+        what runs allocated (their working memory) until it is shrunk, so an architecture counts
+        it until then (``SessionGroup.kept_bytes``); the cache has it shrunk before it evicts for
+        room (``WeightsMode.reclaim``) and a session's going shrinks it. Runs on a thread of its
+        own (ONNX Runtime keeps state for each thread that runs a session); nothing without a
+        shared arena."""
         with self._lock:
             if self._shrinker is None:
                 runner = self.memory.new_runner("ort-arena")

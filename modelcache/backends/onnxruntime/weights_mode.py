@@ -60,11 +60,11 @@ class SessionGroup:
         self.members: List[OrtHandle] = []
         self.pending = 0                # swap-ins joining it right now (keeps it from being dropped)
         self.warmup_error: Optional[str] = None
-        self.working_bytes = 0          # device bytes one run takes (measured), counted while runs hold it
+        self.working_bytes = 0          # device bytes one run takes (measured; see kept_bytes)
         self.create_seconds = 0.0       # what making the session again would cost (measured)
         self.callers: Optional[CallerThreads] = None   # threads that run it themselves (caller_threads)
-        # its runs' working memory may still be in the shared arena (it ran since the arena was
-        # last shrunk while the group was off the device)
+        # its runs' working memory is (or may still be) in the shared arena: set at each swap-in of
+        # a member, cleared when the arena is shrunk with no member on the device
         self.retained = False
         self.joins = 0                  # swap-ins of its members so far (see WeightsMode.reclaim)
 
@@ -82,10 +82,9 @@ class SessionGroup:
 
     def kept_bytes(self) -> int:
         """What the group keeps on the device while its session exists: the session, and its runs'
-        working memory while a member is on the device or the shared arena may still keep what
-        they left (until it is shrunk: ``WeightsMode.reclaim``, and when the session goes)."""
-        working = self.runs_working_bytes() if self.retained or self.resident() else 0
-        return self.device_bytes() + working
+        working memory while the shared arena may keep it (from a member's swap-in until the arena
+        is shrunk with none on the device: ``WeightsMode.reclaim``, and when the session goes)."""
+        return self.device_bytes() + (self.runs_working_bytes() if self.retained else 0)
 
 
 class WeightsMode(Mode):
@@ -213,17 +212,19 @@ class WeightsMode(Mode):
                 "working_bytes": group.working_bytes if group else 0,
                 "session_warmup_error": group.warmup_error if group else None}
 
-    def reclaimable_bytes(self) -> int:
-        """Working memory of groups off the device that the shared arena may still keep."""
+    def _reclaimable(self) -> List[SessionGroup]:
+        """Groups with no member on the device whose runs' working memory the arena may keep."""
         with self._lock:
             groups = list(self._groups.values())
-        return sum(g.runs_working_bytes() for g in groups if g.retained and g.session is not None and not g.resident())
+        return [g for g in groups if g.retained and g.session is not None and not g.resident()]
+
+    def reclaimable_bytes(self) -> int:
+        return sum(g.runs_working_bytes() for g in self._reclaimable())
 
     def reclaim(self) -> None:
         """Shrink the shared arena: what runs of groups off the device left there goes back to the
         driver, and those groups stop counting it (groups on the device keep counting theirs)."""
-        with self._lock:
-            parked = [(g, g.joins) for g in self._groups.values() if g.retained and not g.resident()]
+        parked = [(g, g.joins) for g in self._reclaimable()]
         if not parked:
             return
         try:
