@@ -193,13 +193,9 @@ def measure(cache: mc.ModelCache, name: str, path: str, gpu: bool, runs: int, sw
         start = time.perf_counter()
         cache.evict(name)
         outs_t.append(time.perf_counter() - start)
-        if gpu:   # the floor, in this cycle
-            start = time.perf_counter()
-            buf = memory.allocate(weights_bytes)
-            memory.copy_to_device(buf.ptr, block.ptr, weights_bytes)
-            memory.synchronize()
-            floors.append(time.perf_counter() - start)
-            buf.free()
+        floor = zoo.copy_floor(memory, block, weights_bytes)    # the floor, in this cycle (None off a GPU)
+        if floor is not None:
+            floors.append(floor)
         phases.clear()
         for k, fn in originals.items():
             setattr(memory, k, timed(k, fn))

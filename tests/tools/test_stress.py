@@ -28,6 +28,12 @@ def test_stress_runs_checks_every_response_and_writes_json_and_png(tmp_path, cap
         assert c["wrong"] == c["oom"] == c["errors"] == 0
         assert 0 <= c["hit_rate"] <= 1 and c["p50_ms"] <= c["p99_ms"] and c["timeline"]
     assert report["contenders"]["modelcache-lru"]["peak_device_bytes"] <= report["budget_bytes"]
+    for name, c in report["contenders"].items():      # the books beside the readings: modelcache's only
+        if name.startswith("modelcache"):
+            assert 0 < c["accounted_at_peak_bytes"] <= c["peak_accounted_bytes"]
+            assert "its books held" in text
+        else:
+            assert c["accounted_at_peak_bytes"] is None and c["peak_accounted_bytes"] is None
     assert report["contenders"]["naive"]["swap_ins"] >= 1 and 0 <= report["belady"]["hit_rate"] <= 1
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
