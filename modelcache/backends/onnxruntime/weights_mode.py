@@ -198,8 +198,10 @@ class WeightsMode(Mode):
             if known is not None:
                 return handle.weights_nbytes + known[0] + known[1] * (1 + caller_threads(handle.options))
             return handle.weights_nbytes + self._session_estimate() + memory.run_overhead_bytes
-        # the group's first member carries its session and working memory, on the device or parked
-        return handle.weights_nbytes + (self.shared_bytes(handle) if handle.group is group else 0)
+        # the group's first member carries its session and working memory, on the device or parked;
+        # a swap-in into a group whose working memory went back (reclaimed) counts it again
+        again = 0 if group.retained else group.runs_working_bytes()
+        return handle.weights_nbytes + (self.shared_bytes(handle) if handle.group is group else 0) + again
 
     def estimated_host_bytes(self, handle: OrtHandle) -> int:
         return handle.block.nbytes if handle.block is not None else align(handle.weights_nbytes)
