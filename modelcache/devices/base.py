@@ -293,6 +293,14 @@ class DeviceMemory(ABC):
         as the monitor reads it; on a simulated device, ``expected_bytes`` booked before ``fn``
         runs (so a full device fails as a GPU would)."""
 
+    def measure_peak(self, fn: Callable[[], T], *, expected_bytes: int, owner: str = "") -> Tuple[T, Charge, int]:
+        """:meth:`measure`, and how far the device's use rose above what stays while ``fn`` ran
+        (bytes): a session's first run searches convolution algorithms with workspaces it gives
+        back. A GPU samples its reading during ``fn``; a simulated device books its
+        ``session_peak_bytes`` during ``fn``. 0 where it cannot be seen."""
+        result, charge = self.measure(fn, expected_bytes=expected_bytes, owner=owner)
+        return result, charge, 0
+
     @abstractmethod
     def copy_to_device(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
         """Start copying ``nbytes`` from host address ``src_ptr`` to ``dst_ptr`` on the device."""

@@ -477,6 +477,28 @@ class CudaMemory(DeviceMemory):
         after = self.monitor.process_bytes() or 0
         return result, Charge(max(0, after - before))
 
+    def measure_peak(self, fn: Callable[[], T], *, expected_bytes: int, owner: str = "") -> Tuple[T, Charge, int]:
+        """The device's free memory is sampled every half millisecond while ``fn`` runs (runtimes
+        release the GIL while they work): the lowest reading against the first, less what stays."""
+        lowest = [self.monitor.free_bytes()]
+        start = lowest[0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.0005):
+                try:
+                    lowest[0] = min(lowest[0], self.monitor.free_bytes())
+                except Exception:           # pragma: no cover - a reading failed: the peak seen so far
+                    return
+        sampler = threading.Thread(target=sample, name="modelcache-peak", daemon=True)
+        sampler.start()
+        try:
+            result, charge = self.measure(fn, expected_bytes=expected_bytes, owner=owner)
+        finally:
+            stop.set()
+            sampler.join()
+        return result, charge, max(0, start - lowest[0] - charge.nbytes)
+
     def copy_to_device(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
         self.streams.get(self.index).copy_to_device(dst_ptr, src_ptr, nbytes)
 

@@ -50,7 +50,7 @@ class SimulatedDevice(DeviceMonitor):
 
     def __init__(self, total: Size = "16GiB", *, device: int = 0, name: str = "SimulatedDevice",
                  session_overhead: Size = 0, link_bytes_per_s: Optional[float] = None,
-                 run_overhead: Size = 0, thread_overhead: Size = 0) -> None:
+                 run_overhead: Size = 0, thread_overhead: Size = 0, session_peak: Size = 0) -> None:
         self._total = parse_size(total, what="SimulatedDevice total")
         #: host->device bandwidth that :meth:`copy` takes time from (None: copies are free);
         #: concurrent copies share it equally, as copies over one PCIe link do
@@ -64,6 +64,9 @@ class SimulatedDevice(DeviceMonitor):
         self.run_overhead_bytes = parse_size(run_overhead, what="run_overhead")
         #: device bytes a runtime keeps for each further thread that runs a session
         self.thread_overhead_bytes = parse_size(thread_overhead, what="thread_overhead")
+        #: device bytes a session's creation takes briefly beyond what it keeps (its first run's
+        #: convolution-algorithm search on a GPU)
+        self.session_peak_bytes = parse_size(session_peak, what="session_peak")
         self.device = device
         self.name = name
         self._lock = threading.Lock()
@@ -206,6 +209,15 @@ class SimulatedMemory(DeviceMemory):
         except BaseException:
             charge.free()
             raise
+
+    def measure_peak(self, fn: Callable[[], T], *, expected_bytes: int, owner: str = "") -> Tuple[T, Charge, int]:
+        peak = self.device.session_peak_bytes
+        extra = self.charge(peak, owner)        # booked while fn runs, as a GPU's search takes it
+        try:
+            result, charge = self.measure(fn, expected_bytes=expected_bytes, owner=owner)
+        finally:
+            extra.free()
+        return result, charge, peak
 
     def copy_to_device(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
         self.device.copy(nbytes)

@@ -160,3 +160,28 @@ def test_an_allocation_waits_for_frees_still_being_released(fake, monkeypatch):
     memory.allocate(128 * MiB)
     assert seen == [(0, 0)]                  # the old buffer was back with the driver first
     memory.releaser.close()
+
+
+def test_measure_peak_samples_the_device_while_the_call_runs():
+    """A session's creation briefly takes more than it keeps: the device's free memory is sampled
+    while the call runs, and the peak beyond what stays is returned with the charge."""
+    state = {"free": 1000 * MiB, "process": 10 * MiB}
+
+    class Monitor:
+        def free_bytes(self):
+            return state["free"]
+
+        def process_bytes(self):
+            return state["process"]
+
+    def work():
+        import time
+        state["free"] -= 300 * MiB                 # the search's workspaces
+        time.sleep(0.05)
+        state["free"] += 260 * MiB                 # given back: 40 MiB stay
+        state["process"] += 40 * MiB
+        return "made"
+    memory = types.SimpleNamespace(monitor=Monitor())
+    memory.measure = lambda fn, **kw: cuda.CudaMemory.measure(memory, fn, **kw)
+    result, charge, peak = cuda.CudaMemory.measure_peak(memory, work, expected_bytes=0)
+    assert result == "made" and charge.nbytes == 40 * MiB and peak == 260 * MiB

@@ -62,6 +62,9 @@ class SessionGroup:
         self.warmup_error: Optional[str] = None
         self.working_bytes = 0          # device bytes one run takes (measured; see kept_bytes)
         self.create_seconds = 0.0       # what making the session again would cost (measured)
+        # device bytes its creation took briefly beyond what it keeps (the first run's algorithm
+        # search, measured at the first creation): a creation again plans for them
+        self.peak_bytes = 0
         self.callers: Optional[CallerThreads] = None   # threads that run it themselves (caller_threads)
         # its runs' working memory is (or may still be) in the shared arena: set at each swap-in of
         # a member, cleared when the arena is shrunk with no member on the device
@@ -95,7 +98,7 @@ class WeightsMode(Mode):
         self._groups: Dict[str, SessionGroup] = {}     # shared sessions by graph key
         self._lock = threading.Lock()
         self._session_bytes_seen = 0
-        self._known: Dict[str, Tuple[int, int]] = {}    # group key -> (session, working) bytes measured
+        self._known: Dict[str, Tuple[int, int, int]] = {}   # group key -> (session, working, peak) bytes measured
         self.sessions_created = 0
 
     # moves -------------------------------------------------------------------------------------
@@ -196,7 +199,7 @@ class WeightsMode(Mode):
         if group is None or group.session is None:
             known = self._known.get(handle.group_key)       # made before, freed since: as measured then
             if known is not None:
-                return handle.weights_nbytes + known[0] + known[1] * (1 + caller_threads(handle.options))
+                return handle.weights_nbytes + known[0] + known[1] * (1 + caller_threads(handle.options)) + known[2]
             return handle.weights_nbytes + self._session_estimate() + memory.run_overhead_bytes
         # the group's first member carries its session and working memory, on the device or parked;
         # a swap-in into a group whose working memory went back (reclaimed) counts it again
@@ -212,6 +215,7 @@ class WeightsMode(Mode):
                 "session_shared_by": len(group.members) if group else 0,
                 "session_device_bytes": group.nbytes if group else 0,
                 "working_bytes": group.working_bytes if group else 0,
+                "session_peak_bytes": group.peak_bytes if group else 0,
                 "session_warmup_error": group.warmup_error if group else None}
 
     def _reclaimable(self) -> List[SessionGroup]:
@@ -398,17 +402,19 @@ class WeightsMode(Mode):
                 # on meanwhile (a measurement stops them for the whole creation, about a second)
                 with sessions.gate.read():
                     charge = memory.charge(known[0], owner=handle.name)
+                    peak = memory.charge(known[2], owner=handle.name)    # its first run's search, as then
                     try:
                         session = runner.call(create)
                     except BaseException:
                         charge.free()
                         raise
-                group.working_bytes = known[1]
+                    finally:
+                        peak.free()
+                group.working_bytes, group.peak_bytes = known[1], known[2]
             else:
                 with sessions.gate.write():   # this backend's own allocations, frees and runs wait meanwhile
-                    session, charge = memory.measure(lambda: runner.call(create),
-                                                     expected_bytes=memory.session_overhead_bytes,
-                                                     owner=handle.name)
+                    session, charge, group.peak_bytes = memory.measure_peak(
+                        lambda: runner.call(create), expected_bytes=memory.session_overhead_bytes, owner=handle.name)
                     group.working_bytes = self._measure_working(group, session, handle, base, runner)
         except BaseException:
             runner.shutdown()
@@ -462,7 +468,7 @@ class WeightsMode(Mode):
             return None
         del self._groups[group.key]
         if group.session is not None:      # its figures plan the session's next creation
-            self._known[group.key] = (group.nbytes, group.working_bytes)
+            self._known[group.key] = (group.nbytes, group.working_bytes, group.peak_bytes)
         box = [group.session]
         group.session = None
         runner, group.runner = group.runner, None
