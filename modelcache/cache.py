@@ -357,7 +357,8 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
                                              or len(ledger.reservations) < self.max_swap_ins):
             if ledger.accounted_bytes() + need > ledger.device_budget and self._reclaim_locked():
                 return None                         # memory runtimes kept went back: plan again
-            victims = ledger.choose_victims(need, entry, self.monitor.free_bytes(), request.waited_s())
+            if not ledger.shared_leaving(entry):    # else wait: planned once its session has gone
+                victims = ledger.choose_victims(need, entry, self.monitor.free_bytes(), request.waited_s())
         if victims is None:                         # no room yet, no swap-in slot, or older requests first
             request.check()                         # gave up: no place in line again
             if request.place is None:

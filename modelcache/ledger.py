@@ -121,8 +121,21 @@ class Reservation:
         self.entry, self.need, self.victims = entry, need, victims
 
     def claim(self) -> int:
-        on_device = sum(v.device_bytes if v.tier is Tier.DEVICE else v.parked_bytes for v in self.victims)
-        return max(self.need, on_device)
+        """Bytes the reservation answers for: what its victims still on their way off hold now,
+        or what the swap-in takes plus what those victims keep on the device afterwards (an
+        evicted model's session stays), whichever is more. A victim whose move ended counts with
+        the entries again."""
+        now = staying = 0
+        for v in self.victims:
+            if v.evicting_for is not self:
+                continue
+            if v.tier is Tier.DEVICE:
+                now += v.device_bytes
+                if not v.unpark_after and v.handle is not None:
+                    staying += v.handle.kept_after_eviction()
+            else:
+                now += v.parked_bytes
+        return max(self.need + staying, now)
 
 
 class Ledger:
@@ -221,8 +234,9 @@ class Ledger:
 
         With ``waited_s`` (how long the request has waited for room), shared memory that takes
         longer than that to make again (``Handle.shared_seconds``: a session, about a second) is
-        kept while waiting for leased models to be released would make the room: a run ends in
-        milliseconds, and dropping a session costs every later request of its architecture."""
+        kept while waiting for leased models (and models on their way in) to be released would
+        make the room: a run ends in milliseconds, and dropping a session costs every later
+        request of its architecture."""
         over_budget = self.accounted_bytes() + need - self.device_budget
         pending = sum(r.need for r in self.reservations)
         short_free = self.reserve - (free_bytes - pending - need)
@@ -237,9 +251,11 @@ class Ledger:
             return victims, True
         shared = self.droppable_shared(exclude)
         if waited_s is not None and shared:
+            # leased models, and models whose swap-in is on its way (leased once there): both
+            # evictable once their runs end
             busy = sum(e.freed_by_eviction for e in self.entries.values()
                        if e.tier is Tier.DEVICE and not e.pinned and not e.idle() and e is not exclude
-                       and e.evicting_for is None)
+                       and e.evicting_for is None) + pending
             if freed + busy >= over_budget and freed + busy >= short_free:      # waiting would do
                 shared = [(n, m) for n, m in shared
                           if max((x.handle.shared_seconds() for x in m if x.handle is not None), default=0.0)
@@ -256,6 +272,18 @@ class Ledger:
                 member.unpark_after = member.tier is Tier.DEVICE
             freed += nbytes
         return victims, freed >= over_budget and freed >= short_free
+
+    def shared_leaving(self, entry: Entry) -> bool:
+        """Whether device memory kept for fast swap-ins that ``entry``'s swap-in would use (its
+        architecture's session) is being freed for another swap-in: planned now, the swap-in would
+        count on it staying (and keep it, taking room promised to the other), so it is planned
+        once that memory has gone."""
+        key = entry.handle.shared_key() if entry.handle is not None else None
+        if key is None:
+            return False
+        return any(v is not entry and v.handle is not None and (v.tier is Tier.HOST or v.unpark_after)
+                   and v.handle.shared_key() == key for r in self.reservations for v in r.victims
+                   if v.evicting_for is r)
 
     def evictable(self, exclude: Optional[Entry] = None) -> List[Candidate]:
         return [e.candidate(e.freed_by_eviction) for e in self.entries.values()

@@ -145,3 +145,21 @@ def test_baselines_free_their_device_memory_when_closed(tmp_path):
         assert device.process_bytes() > 0
         contender.close()
         assert device.process_bytes() == 0
+
+
+def test_stress_on_architectures_keeps_the_device_and_the_books_within_the_budget(tmp_path):
+    """Six architectures whose sessions take a third of the budget (the simulated device charges
+    them), 8 threads: neither the device nor the cache's books ever exceed the budget (before the
+    ledger answered for what evicted models keep, and before a swap-in waited for a session being
+    dropped, the books went 8-10 % over)."""
+    out_json = tmp_path / "r.json"
+    args = ["stress", "--families", "12", "--simulate", "--budget-of-weights", "0.45", "--threads", "8",
+            "--requests", "600", "--baselines", "", "--policies", "lru", "--sim-session-overhead", "256KiB",
+            "--sim-link", "1", "--no-progress", "--models-dir", str(tmp_path / "models"), "--json", str(out_json)]
+    assert cli_main(args) == 0
+    report = json.loads(out_json.read_text())
+    c = report["contenders"]["modelcache-lru"]
+    assert c["wrong"] == c["oom"] == c["errors"] == 0 and c["requests"] == 600
+    assert report["architectures"] == 6
+    assert c["peak_device_bytes"] <= report["budget_bytes"]
+    assert c["peak_accounted_bytes"] <= report["budget_bytes"]
