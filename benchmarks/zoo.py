@@ -274,6 +274,8 @@ def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], ru
                plain_after_idle_ms=statistics.median(idle_runs) * 1e3)
     info = cache.info(name)
     row.update(session_bytes=info.details.get("session_device_bytes"),
+               session_peak_bytes=info.details.get("session_peak_bytes"),
+               working_bytes=info.details.get("working_bytes"),
                shared_by=info.details.get("session_shared_by"))
     return row
 
@@ -384,7 +386,9 @@ def main() -> int:
               f"{(row['session_bytes'] or 0) / MiB:>6.0f}Mi"
               + (f" nvml+{row['nvml_growth_parked'] / MiB:.0f}Mi" if "nvml_growth_parked" in row else "")
               + (f" direct {row['direct_run_ms']:.2f}" if "direct_run_ms" in row else ""), flush=True)
-        print(f"{'':<22} why: {row['why']}; a lease alone: {row['lease_us']:.1f} us", flush=True)
+        print(f"{'':<22} why: {row['why']}; a lease alone: {row['lease_us']:.1f} us; a run's working memory "
+              f"{(row['working_bytes'] or 0) / MiB:.0f} MiB; the session's making peaked "
+              f"{(row['session_peak_bytes'] or 0) / MiB:.0f} MiB above what it keeps", flush=True)
     # a parked architecture: every model of it evicted, its shared session kept
     parked: Dict[str, Any] = {}
     for arch in dict.fromkeys(r["architecture"] for r in rows if "error" not in r):

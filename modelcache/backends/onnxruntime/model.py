@@ -112,12 +112,16 @@ class OrtModel:
             run_options: Any = None) -> List[np.ndarray]:
         """Run with numpy inputs; returns numpy outputs (all outputs when ``output_names`` is None)."""
         feed = self._checked(input_feed)
-        names = list(output_names) if output_names else self._output_names
-        unknown = [n for n in names if n not in self._output_names]
-        if unknown:
-            raise ModelInputError(f"unknown output(s) {unknown}; the model's outputs are {self._output_names}",
-                                  model=self.name)
-        run_options = run_options if run_options is not None else self._run_options
+        if output_names:
+            names = list(output_names)
+            unknown = [n for n in names if n not in self._output_names]
+            if unknown:
+                raise ModelInputError(f"unknown output(s) {unknown}; the model's outputs are {self._output_names}",
+                                      model=self.name)
+        else:
+            names = self._output_names
+        if run_options is None:
+            run_options = self._run_options
         try:
             if not self._weights:
                 outputs: List[np.ndarray] = self._on_runner(self._session.run, names, feed, run_options)
@@ -265,7 +269,8 @@ class OrtModel:
             for key, value in feed.items():
                 spec = specs.get(key)
                 if not (type(value) is np.ndarray and value.flags.c_contiguous
-                        and (spec is None or (value.dtype == spec.dtype and value.shape == spec.exact))):
+                        and (spec is None or (value.dtype == spec.dtype and (
+                            value.shape == spec.exact if spec.exact is not None else spec.problem(value) is None)))):
                     break
             else:
                 return feed

@@ -148,7 +148,8 @@ class Gate:
     one memory measurement alone (waiting readers let a waiting measurement go first)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._readers = 0
         self._writing = False
         self._writers_waiting = 0
@@ -162,14 +163,15 @@ class Gate:
             self.release_read()
 
     def acquire_read(self) -> None:
-        """Begin reading (end it with :meth:`release_read`): the hot path of every run."""
-        with self._cond:
+        """Begin reading (end it with :meth:`release_read`): the hot path of every run (the
+        plain lock's own context manager, not the condition's Python one)."""
+        with self._lock:
             while self._writing or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
 
     def release_read(self) -> None:
-        with self._cond:
+        with self._lock:
             self._readers -= 1
             if not self._readers and self._writers_waiting:    # only a writer waits for readers
                 self._cond.notify_all()
