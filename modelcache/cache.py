@@ -37,7 +37,7 @@ from .policies import Policy
 from .sizes import Size, format_bytes, parse_size
 from .stats import Recorder, stats_of, status_of
 from .tiers import EntryInfo, Tier
-from .watcher import Watcher
+from .watcher import RuntimeGrowth, Watcher
 
 logger = logging.getLogger("modelcache")
 
@@ -95,6 +95,7 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         self._events = Events()
         self._moves = Mover(self)
         self._executor = ThreadPoolExecutor(max_workers=s.prefetch_workers, thread_name_prefix="modelcache-prefetch")
+        self._growth = RuntimeGrowth()
         self._watcher = Watcher(self.check_pressure, watch_interval) if watch_interval else None
         closing.LIVE.add(self)
 
@@ -477,10 +478,37 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         return entry.backend.load(entry.name, value, entry.options)
 
     def check_pressure(self) -> int:
-        """Evict (policy order) until the accounted bytes fit the budget and the device's free
-        memory is at least the reserve. The background watcher calls this; returns the number of
-        models evicted."""
+        """Read what runtimes took on the device on their own (:class:`watcher.RuntimeGrowth`;
+        it counts against the budget), then evict (policy order) until the accounted bytes fit
+        the budget and the device's free memory is at least the reserve. The background watcher
+        calls this; returns the number of models evicted."""
+        self._measure_growth()
         return self._moves.relieve()
+
+    def _measure_growth(self) -> None:
+        """One reading of :class:`watcher.RuntimeGrowth`, while nothing moves. The first, once
+        something is on the device, comes right after the backends gave back what their runtimes
+        keep without need (the floor: the books are exact then)."""
+        growth = self._growth
+        with self._lock:
+            if self._closed or not self._ledger.quiet():
+                return
+            clean = growth.floor is None
+            if clean and not any(e.tier is Tier.DEVICE or e.parked_bytes for e in self._entries.values()):
+                return                      # no runtime on the device yet: nothing to compare
+            backends = list(self._backends.values())
+        if clean:
+            for backend in backends:
+                if backend.reclaimable_device_bytes() > 0:
+                    backend.reclaim_device_bytes()
+        process = self.monitor.process_bytes()
+        if process is None:
+            return
+        with self._lock:
+            ledger = self._ledger
+            if not ledger.quiet():
+                return
+            ledger.runtime_bytes = growth.add(process - (ledger.accounted_bytes() - ledger.runtime_bytes), clean)
 
 
     # ------------------------------------------------------------------ other operations

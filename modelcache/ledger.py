@@ -151,6 +151,9 @@ class Ledger:
         self.disk = disk                 # a disk tier exists
         self.entries: Dict[str, Entry] = {}
         self.reservations: List[Reservation] = []
+        #: device bytes the process holds beyond the books that runtimes took on their own
+        #: (``watcher.RuntimeGrowth``): counted against the budget like a model's
+        self.runtime_bytes = 0
         #: swap-ins waiting for room, oldest first: while any waits, newer ones line up behind it
         #: (docs/design.md, "Fairness")
         self.waiting: Deque[object] = collections.deque()
@@ -158,10 +161,15 @@ class Ledger:
     # accounting ----------------------------------------------------------------------------
     def accounted_bytes(self) -> int:
         """Device bytes the cache answers for: residents (with the working memory of their runs),
-        what parked models keep on the device, and rooms promised to swap-ins."""
+        what parked models keep on the device, rooms promised to swap-ins, and what runtimes took
+        on their own beyond that (:attr:`runtime_bytes`)."""
         total = sum(e.device_bytes if e.tier is Tier.DEVICE else e.parked_bytes for e in self.entries.values()
                     if e.evicting_for is None)
-        return total + sum(r.claim() for r in self.reservations)
+        return total + sum(r.claim() for r in self.reservations) + self.runtime_bytes
+
+    def quiet(self) -> bool:
+        """Nothing moves and no room is promised: the books match the device."""
+        return not self.reservations and all(e.moving is None for e in self.entries.values())
 
     def host_bytes(self) -> int:
         return sum(e.host_bytes for e in self.entries.values())

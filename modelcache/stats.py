@@ -156,6 +156,7 @@ def stats_of(cache: "ModelCache") -> Dict[str, Number]:
     with cache._cond:
         entries, backends = list(cache._entries.values()), list(cache._backends.values())
         out = cache_stats(record, entries, cache._hits, cache._misses, cache._ledger.accounted_bytes())
+        out["device.runtime_bytes"] = cache._ledger.runtime_bytes
     out.update({"device.budget_bytes": cache.device_budget_bytes, "device.reserve_bytes": cache.reserve_bytes,
                 "host.budget_bytes": cache.host_budget_bytes})
     out.update(device)

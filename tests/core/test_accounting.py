@@ -196,3 +196,46 @@ def test_max_swap_ins_bounds_concurrent_swap_ins(limit):
 def test_max_swap_ins_is_checked():
     with pytest.raises(mc.ConfigError, match="max_swap_ins=0"):
         mc.ModelCache(monitor=mc.SimulatedDevice(1000), max_swap_ins=0)
+
+
+def test_what_runtimes_take_on_their_own_counts_against_the_budget(make_cache, device):
+    """Memory this process's runtimes take beyond the books (kernel code, library state: on the
+    H200, 80-160 MiB with 8 threads and sessions made again) is read from the device while
+    nothing moves, against a floor read once something is on the device, and counts against the
+    budget: the cache evicts for it and plans swap-ins with it; when it goes, so does its count."""
+    cache = make_cache(device_budget=400)
+    for i in range(4):
+        cache.register(f"m{i}", array_loader(i))
+    for i in range(3):
+        with cache.use(f"m{i}"):
+            pass
+    cache.check_pressure()                            # the floor: the books match the device
+    assert cache.stats()["device.runtime_bytes"] == 0
+    code = device.allocate(150, owner="kernel code")  # a runtime's own, outside the books
+    for _ in range(2):
+        cache.check_pressure()
+        assert cache.stats()["device.runtime_bytes"] == 0    # the lowest of the last three readings
+    assert cache.check_pressure() == 1                # 300 + 150 > 400: one model leaves for it
+    stats = cache.stats()
+    assert stats["device.runtime_bytes"] == 150 and stats["device.accounted_bytes"] == 200 + 150
+    with cache.use("m3"):                             # room planned with it: another one leaves
+        assert sum(t is mc.Tier.DEVICE for t in tiers(cache).values()) == 2
+        assert device.process_bytes() <= 400
+    code.free()
+    cache.check_pressure()
+    assert cache.stats()["device.runtime_bytes"] == 0     # gone: it counts no more
+
+
+def test_a_reading_while_models_move_is_not_taken(make_cache, device):
+    cache = make_cache(device_budget=400)
+    cache.register("m0", array_loader(0))
+    with cache.use("m0"):
+        pass
+    cache.check_pressure()
+    extra = device.allocate(100, owner="in flight")
+    cache._ledger.reservations.append(mc.ledger.Reservation(cache._entries["m0"], 100, []))
+    for _ in range(3):
+        cache._measure_growth()
+    assert cache._ledger.runtime_bytes == 0           # a move in flight: its memory is not growth
+    cache._ledger.reservations.clear()
+    extra.free()
