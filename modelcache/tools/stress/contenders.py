@@ -120,7 +120,7 @@ class ModelCacheContender(Contender):
         stats = self.cache.stats()
         keys = ("swap_in.seconds.p95", "swap_in.seconds.p99", "swap_in.seconds.max", "swap_out.seconds.p50",
                 "swap_out.seconds.p99", "waits.room", "errors.busy", "evictions", "unparks", "onnxruntime.sessions",
-                "onnxruntime.sessions.bytes", "onnxruntime.sessions.created")
+                "onnxruntime.sessions.bytes", "onnxruntime.sessions.created", "device.runtime_bytes")
         out = {f"cache.{k}": stats[k] for k in keys if k in stats}
         out["sessions_created"] = int(stats.get("onnxruntime.sessions.created", 0)) - self._prepared
         return out
