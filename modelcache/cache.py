@@ -423,6 +423,8 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         self._moves.settle_host()  # after the move: the model's own host bytes may have left with it
         if over:  # the backend measured more than it estimated: restore the budget (not with this model)
             self._moves.relieve(exclude=entry, measured=True)
+        if self._growth.floor is None:
+            self._measure_growth()    # the floor, as early as can be: before runtimes grow
 
     # ------------------------------------------------------------------ moves (lock not held)
     def _step_up(self, entry: Entry, loop: Any = None) -> None:
@@ -486,16 +488,19 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         return self._moves.relieve()
 
     def _measure_growth(self) -> None:
-        """One reading of :class:`watcher.RuntimeGrowth`, while nothing moves. The first, once
-        something is on the device, comes right after the backends gave back what their runtimes
-        keep without need (the floor: the books are exact then)."""
+        """One reading of :class:`watcher.RuntimeGrowth`: the process's device bytes less the
+        books (promised room included: a move's memory is within it). The floor comes from a
+        reading while nothing moves, right after the backends gave back what their runtimes keep
+        without need (the books are exact then): the first once something is on the device
+        (right after the first swap-in, or at a later check)."""
         growth = self._growth
         with self._lock:
-            if self._closed or not self._ledger.quiet():
+            if self._closed:
                 return
             clean = growth.floor is None
-            if clean and not any(e.tier is Tier.DEVICE or e.parked_bytes for e in self._entries.values()):
-                return                      # no runtime on the device yet: nothing to compare
+            if clean and (not self._ledger.quiet() or not any(
+                    e.tier is Tier.DEVICE or e.parked_bytes for e in self._entries.values())):
+                return                      # no floor yet: nothing to compare with
             backends = list(self._backends.values())
         if clean:
             for backend in backends:
@@ -506,7 +511,7 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
             return
         with self._lock:
             ledger = self._ledger
-            if not ledger.quiet():
+            if clean and not ledger.quiet():
                 return
             ledger.runtime_bytes = growth.add(process - (ledger.accounted_bytes() - ledger.runtime_bytes), clean)
 

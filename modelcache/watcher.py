@@ -41,11 +41,11 @@ class RuntimeGrowth:
     and sessions made again, 80-160 MiB beyond the books, enough to put the process 7 % over a
     2.2 GiB budget.
 
-    A reading is the process's device bytes (NVML) less the books, taken only while nothing
-    moves and no room is promised. The floor is the lowest reading taken right after the
-    runtimes gave back what they keep without need (the arena shrunk), when the books are exact;
-    the growth is the lowest of the last ``window`` readings less the floor (a reading a move
-    disturbed passes; what stays counts)."""
+    A reading is the process's device bytes (NVML) less the books (room promised to moves in
+    flight included, so a move's memory is within them). The floor is the lowest reading taken
+    while nothing moves, right after the runtimes gave back what they keep without need (the
+    arena shrunk), when the books are exact; the growth is the lowest of the last ``window``
+    readings less the floor (a passing spike does not count; what stays does)."""
 
     def __init__(self, window: int = 3) -> None:
         self.floor: Optional[int] = None

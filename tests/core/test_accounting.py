@@ -200,16 +200,17 @@ def test_max_swap_ins_is_checked():
 
 def test_what_runtimes_take_on_their_own_counts_against_the_budget(make_cache, device):
     """Memory this process's runtimes take beyond the books (kernel code, library state: on the
-    H200, 80-160 MiB with 8 threads and sessions made again) is read from the device while
-    nothing moves, against a floor read once something is on the device, and counts against the
-    budget: the cache evicts for it and plans swap-ins with it; when it goes, so does its count."""
+    H200, 80-160 MiB with 8 threads and sessions made again) is read from the device against a
+    floor read right after the first swap-in, and counts against the budget: the cache evicts
+    for it and plans swap-ins with it; when it goes, so does its count."""
     cache = make_cache(device_budget=400)
     for i in range(4):
         cache.register(f"m{i}", array_loader(i))
     for i in range(3):
         with cache.use(f"m{i}"):
             pass
-    cache.check_pressure()                            # the floor: the books match the device
+    assert cache._growth.floor is not None            # read after the first swap-in
+    cache.check_pressure()
     assert cache.stats()["device.runtime_bytes"] == 0
     code = device.allocate(150, owner="kernel code")  # a runtime's own, outside the books
     for _ in range(2):
@@ -226,7 +227,9 @@ def test_what_runtimes_take_on_their_own_counts_against_the_budget(make_cache, d
     assert cache.stats()["device.runtime_bytes"] == 0     # gone: it counts no more
 
 
-def test_a_reading_while_models_move_is_not_taken(make_cache, device):
+def test_the_memory_of_a_move_in_flight_is_not_growth(make_cache, device):
+    """A swap-in's memory on its way is within the room promised to it: readings then are taken
+    against books that include that room."""
     cache = make_cache(device_budget=400)
     cache.register("m0", array_loader(0))
     with cache.use("m0"):
@@ -236,6 +239,6 @@ def test_a_reading_while_models_move_is_not_taken(make_cache, device):
     cache._ledger.reservations.append(mc.ledger.Reservation(cache._entries["m0"], 100, []))
     for _ in range(3):
         cache._measure_growth()
-    assert cache._ledger.runtime_bytes == 0           # a move in flight: its memory is not growth
+    assert cache._ledger.runtime_bytes == 0           # within the promised room: not growth
     cache._ledger.reservations.clear()
     extra.free()
