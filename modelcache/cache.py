@@ -506,14 +506,39 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
             for backend in backends:
                 if backend.reclaimable_device_bytes() > 0:
                     backend.reclaim_device_bytes()
+            with self._lock:    # the floor: read with the books still (once: NVML takes a millisecond)
+                if not self._ledger.quiet():
+                    return
+                process = self.monitor.process_bytes()
+                if not process:             # unknown (0: NVML does not list this process)
+                    return
+                soft = sum(b.soft_device_bytes() for b in backends)
+                books = self._ledger.accounted_bytes() - self._ledger.runtime_bytes - soft + self._other_books()
+                growth.add(process - books, clean=True)
+            return
         process = self.monitor.process_bytes()
-        if process is None:
+        if not process:
             return
         with self._lock:
             ledger = self._ledger
-            if clean and not ledger.quiet():
-                return
-            ledger.runtime_bytes = growth.add(process - (ledger.accounted_bytes() - ledger.runtime_bytes), clean)
+            books = ledger.accounted_bytes() - ledger.runtime_bytes + self._other_books()
+            ledger.runtime_bytes = min(growth.add(process - books), ledger.device_budget // 4)
+
+    def _other_books(self) -> int:
+        """Device bytes other live caches of this process account for on this cache's device (their
+        models are not this cache's runtimes' growth)."""
+        total = 0
+        mine = self.monitor
+        for other in list(closing.LIVE):
+            theirs = other.monitor
+            if other is self or other._closed or not (theirs is mine or (
+                    not mine.simulated and not theirs.simulated and theirs.device == mine.device)):
+                continue
+            try:            # read without their lock: a figure, not a plan
+                total += other._ledger.accounted_bytes() - other._ledger.runtime_bytes
+            except RuntimeError:    # pragma: no cover - their entries changed while read
+                pass
+        return total
 
 
     # ------------------------------------------------------------------ other operations

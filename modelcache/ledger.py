@@ -3,8 +3,9 @@ and which models give way when room is needed. It has no threads and no lock: th
 with its own lock held, and tests can drive it alone.
 
 Accounting (see docs/design.md): the accounted bytes are the resident models' device bytes, what
-parked models keep on the device, and for each swap-in in flight ``max(its need, the bytes its
-victims still hold)``, so two swap-ins never spend the same room.
+parked models keep on the device, what runtimes took on their own, and for each swap-in in flight
+``max(its need plus what its victims keep afterwards, the bytes its victims still hold)``, so two
+swap-ins never spend the same room.
 """
 from __future__ import annotations
 
@@ -245,7 +246,10 @@ class Ledger:
         kept while waiting for leased models (and models on their way in) to be released would
         make the room: a run ends in milliseconds, and dropping a session costs every later
         request of its architecture."""
-        over_budget = self.accounted_bytes() + need - self.device_budget
+        # what runtimes took on their own counts only as far as it leaves room for this model
+        # alone: a model that fits the budget always gets room by evicting the others
+        over_budget = (self.accounted_bytes() - max(0, self.runtime_bytes + need - self.device_budget)
+                       + need - self.device_budget)
         pending = sum(r.need for r in self.reservations)
         short_free = self.reserve - (free_bytes - pending - need)
         victims: List[Entry] = []
@@ -263,7 +267,7 @@ class Ledger:
             # evictable once their runs end
             busy = sum(e.freed_by_eviction for e in self.entries.values()
                        if e.tier is Tier.DEVICE and not e.pinned and not e.idle() and e is not exclude
-                       and e.evicting_for is None) + pending
+                       and e.evicting_for is None) + sum(r.need for r in self.reservations if not r.entry.pinned)
             if freed + busy >= over_budget and freed + busy >= short_free:      # waiting would do
                 shared = [(n, m) for n, m in shared
                           if max((x.handle.shared_seconds() for x in m if x.handle is not None), default=0.0)

@@ -182,6 +182,13 @@ class Backend(ABC):
         gives back without moving any model. Called with the cache's lock held: a cheap figure."""
         return 0
 
+    def soft_device_bytes(self) -> int:
+        """Device bytes counted in the models' figures that the runtime may not hold right now
+        (working memory of runs an arena may keep, counted whether or not it does). The cache's
+        reading of what runtimes take on their own takes its floor without them, so they are
+        never counted twice. Called with the cache's lock held: a cheap figure."""
+        return 0
+
     def reclaim_device_bytes(self) -> None:
         """Give :meth:`reclaimable_device_bytes` back to the device (the cache calls it, without
         its lock, before it evicts models or drops shared memory to make room)."""

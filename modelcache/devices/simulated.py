@@ -64,8 +64,8 @@ class SimulatedDevice(DeviceMonitor):
         self.run_overhead_bytes = parse_size(run_overhead, what="run_overhead")
         #: device bytes a runtime keeps for each further thread that runs a session
         self.thread_overhead_bytes = parse_size(thread_overhead, what="thread_overhead")
-        #: device bytes a session's creation takes briefly beyond what it keeps (its first run's
-        #: convolution-algorithm search on a GPU)
+        #: device bytes a session's creation takes briefly beyond what it keeps (on a GPU its
+        #: warm-up run's working memory and convolution-algorithm search)
         self.session_peak_bytes = parse_size(session_peak, what="session_peak")
         self.device = device
         self.name = name

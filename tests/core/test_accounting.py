@@ -206,24 +206,25 @@ def test_what_runtimes_take_on_their_own_counts_against_the_budget(make_cache, d
     cache = make_cache(device_budget=400)
     for i in range(4):
         cache.register(f"m{i}", array_loader(i))
-    for i in range(3):
         with cache.use(f"m{i}"):
             pass
     assert cache._growth.floor is not None            # read after the first swap-in
     cache.check_pressure()
     assert cache.stats()["device.runtime_bytes"] == 0
-    code = device.allocate(150, owner="kernel code")  # a runtime's own, outside the books
+    code = device.allocate(90, owner="kernel code")   # a runtime's own, outside the books
     for _ in range(2):
         cache.check_pressure()
         assert cache.stats()["device.runtime_bytes"] == 0    # the lowest of the last three readings
-    assert cache.check_pressure() == 1                # 300 + 150 > 400: one model leaves for it
+    assert cache.check_pressure() == 1                # 400 + 90 > 400: one model leaves for it
     stats = cache.stats()
-    assert stats["device.runtime_bytes"] == 150 and stats["device.accounted_bytes"] == 200 + 150
-    with cache.use("m3"):                             # room planned with it: another one leaves
-        assert sum(t is mc.Tier.DEVICE for t in tiers(cache).values()) == 2
+    assert stats["device.runtime_bytes"] == 90 and stats["device.accounted_bytes"] == 300 + 90
+    gone = next(n for n, t in tiers(cache).items() if t is mc.Tier.HOST)
+    with cache.use(gone):                             # room planned with it: another one leaves
+        assert sum(t is mc.Tier.DEVICE for t in tiers(cache).values()) == 3
         assert device.process_bytes() <= 400
     code.free()
-    cache.check_pressure()
+    for _ in range(3):
+        cache.check_pressure()
     assert cache.stats()["device.runtime_bytes"] == 0     # gone: it counts no more
 
 
@@ -242,3 +243,54 @@ def test_the_memory_of_a_move_in_flight_is_not_growth(make_cache, device):
     assert cache._ledger.runtime_bytes == 0           # within the promised room: not growth
     cache._ledger.reservations.clear()
     extra.free()
+
+
+def test_another_cache_on_the_device_is_not_runtime_growth(device):
+    """Two caches of one process on one device: each one's models are not the other's growth."""
+    a = mc.ModelCache(monitor=device, device_budget=400, reserve=0, watch_interval=None)
+    b = mc.ModelCache(monitor=device, device_budget=400, reserve=0, watch_interval=None)
+    try:
+        for cache, prefix in ((a, "a"), (b, "b")):
+            for i in range(3):
+                cache.register(f"{prefix}{i}", array_loader(i))
+        with a.use("a0"):
+            pass
+        for i in range(3):
+            with b.use(f"b{i}"):
+                pass
+        for i in (1, 2):
+            with a.use(f"a{i}"):
+                pass
+        for _ in range(3):
+            assert a.check_pressure() == 0 and b.check_pressure() == 0
+        assert a.stats()["device.runtime_bytes"] == b.stats()["device.runtime_bytes"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_runtime_growth_never_keeps_a_model_that_fits_the_budget_out(make_cache, device):
+    """Growth counts against the budget only as far as it leaves room for the model being brought
+    in alone, and at most a quarter of the budget; a reading of 0 (NVML does not list this
+    process) is no reading."""
+    cache = make_cache(device_budget=400)
+    cache.register("small", array_loader(0, nbytes=100))
+    cache.register("big", array_loader(1, nbytes=350))
+    with cache.use("small"):
+        pass
+    assert cache._growth.floor is not None
+    code = device.allocate(300, owner="kernel code")
+    for _ in range(3):
+        cache.check_pressure()
+    assert cache.stats()["device.runtime_bytes"] == 100           # capped: a quarter of the budget
+    with cache.use("big", timeout=5):                              # 350 + 100 > 400, yet it fits alone
+        assert cache.info("small").tier is mc.Tier.HOST
+    code.free()
+    real = device.process_bytes
+    device.process_bytes = lambda pid=None: 0
+    try:
+        for _ in range(3):
+            cache.check_pressure()
+        assert cache.stats()["device.runtime_bytes"] == 100        # unchanged: no reading
+    finally:
+        device.process_bytes = real

@@ -238,6 +238,9 @@ class OnnxRuntimeBackend(Backend):
     def reclaim_device_bytes(self) -> None:
         self._weights_mode().reclaim()
 
+    def soft_device_bytes(self) -> int:
+        return self._weights_mode().soft_bytes()
+
     def stats(self) -> Dict[str, Any]:
         return self._weights_mode().stats()
 

@@ -224,6 +224,13 @@ class WeightsMode(Mode):
             groups = list(self._groups.values())
         return [g for g in groups if g.retained and g.session is not None and not g.resident()]
 
+    def soft_bytes(self) -> int:
+        """The working memory counted for groups whose runs' memory the arena may keep (it may
+        have given it back: see ``Backend.soft_device_bytes``)."""
+        with self._lock:
+            groups = list(self._groups.values())
+        return sum(g.runs_working_bytes() for g in groups if g.retained and g.session is not None)
+
     def reclaimable_bytes(self) -> int:
         return sum(g.runs_working_bytes() for g in self._reclaimable())
 
@@ -402,20 +409,23 @@ class WeightsMode(Mode):
                 # on meanwhile (a measurement stops them for the whole creation, about a second)
                 with sessions.gate.read():
                     charge = memory.charge(known[0], owner=handle.name)
-                    peak = memory.charge(known[2], owner=handle.name)    # its first run's search, as then
                     try:
-                        session = runner.call(create)
+                        peak = memory.charge(known[2], owner=handle.name)    # its first run's search, as then
+                        try:
+                            session = runner.call(create)
+                        finally:
+                            peak.free()
                     except BaseException:
                         charge.free()
                         raise
-                    finally:
-                        peak.free()
                 group.working_bytes, group.peak_bytes = known[1], known[2]
             else:
                 with sessions.gate.write():   # this backend's own allocations, frees and runs wait meanwhile
                     session, charge, group.peak_bytes = memory.measure_peak(
                         lambda: runner.call(create), expected_bytes=memory.session_overhead_bytes, owner=handle.name)
                     group.working_bytes = self._measure_working(group, session, handle, base, runner)
+                    # the warm-up run's own working memory is planned as working memory already
+                    group.peak_bytes = max(0, group.peak_bytes - group.working_bytes)
         except BaseException:
             runner.shutdown()
             raise
