@@ -287,15 +287,22 @@ class Ledger:
 
     def shared_leaving(self, entry: Entry) -> bool:
         """Whether device memory kept for fast swap-ins that ``entry``'s swap-in would use (its
-        architecture's session) is being freed for another swap-in: planned now, the swap-in would
-        count on it staying (and keep it, taking room promised to the other), so it is planned
-        once that memory has gone."""
+        architecture's session) is being freed (another model holding it is unparked for room or
+        moves below the host): planned now, the swap-in would count on it staying (and keep it,
+        taking room promised to another), so it is planned once that memory has gone."""
         key = entry.handle.shared_key() if entry.handle is not None else None
         if key is None:
             return False
-        return any(v is not entry and v.handle is not None and (v.tier is Tier.HOST or v.unpark_after)
-                   and v.handle.shared_key() == key for r in self.reservations for v in r.victims
-                   if v.evicting_for is r)
+        return any(e is not entry and e.moving is not None and e.handle is not None and self._drops_shared(e)
+                   and e.handle.shared_key() == key for e in self.entries.values())
+
+    @staticmethod
+    def _drops_shared(entry: Entry) -> bool:
+        """Whether ``entry``'s move lets go of the shared memory it holds: below the host, or
+        to the host unparked (a parked model evicted, a resident one with ``unpark_after``)."""
+        target = entry.moving_to
+        return target in (Tier.DISK, Tier.UNLOADED) or (
+            target is Tier.HOST and (entry.tier is Tier.HOST or entry.unpark_after))
 
     def evictable(self, exclude: Optional[Entry] = None) -> List[Candidate]:
         return [e.candidate(e.freed_by_eviction) for e in self.entries.values()

@@ -157,6 +157,14 @@ def test_a_swap_in_whose_session_is_being_dropped_for_another_waits():
         e.handle.shared_key = lambda: "arch"
     assert not ledger.shared_leaving(sibling)
     ledger.reserve_room(other, 900, [parked])
+    parked.moving, parked.moving_to = object(), mc.Tier.HOST     # unparked for the other swap-in
     assert ledger.shared_leaving(sibling) and not ledger.shared_leaving(other)
-    parked.evicting_for = None                       # its move ended
+    parked.moving = parked.moving_to = parked.evicting_for = None     # its move ended
     assert not ledger.shared_leaving(sibling)
+    sibling.tier = mc.Tier.DEVICE                    # a resident model going to disk drops it too
+    parked.moving, parked.moving_to = object(), mc.Tier.DISK
+    other.handle.shared_key = lambda: "arch"
+    assert ledger.shared_leaving(other)
+    parked.moving_to = mc.Tier.HOST                  # evicted, not unparked: the session stays
+    parked.tier = mc.Tier.DEVICE
+    assert not ledger.shared_leaving(other)
