@@ -493,53 +493,39 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         reading while nothing moves, right after the backends gave back what their runtimes keep
         without need (the books are exact then): the first once something is on the device
         (right after the first swap-in, or at a later check)."""
-        growth = self._growth
-        with self._lock:
-            if self._closed:
-                return
-            clean = growth.floor is None
-            if clean and (not self._ledger.quiet() or not any(
-                    e.tier is Tier.DEVICE or e.parked_bytes for e in self._entries.values())):
-                return                      # no floor yet: nothing to compare with
-            backends = list(self._backends.values())
-        if clean:
-            for backend in backends:
-                if backend.reclaimable_device_bytes() > 0:
-                    backend.reclaim_device_bytes()
+        growth, ledger = self._growth, self._ledger
+        if growth.floor is None:
             with self._lock:    # the floor: read with the books still (once: NVML takes a millisecond)
-                if not self._ledger.quiet():
+                if self._closed or not ledger.quiet() or not any(
+                        e.tier is Tier.DEVICE or e.parked_bytes for e in self._entries.values()):
+                    return                  # nothing on the device yet, or something moves
+                self._reclaim_locked()      # lock released meanwhile
+                if not ledger.quiet():
                     return
                 process = self.monitor.process_bytes()
-                if not process:             # unknown (0: NVML does not list this process)
-                    return
-                soft = sum(b.soft_device_bytes() for b in backends)
-                books = self._ledger.accounted_bytes() - self._ledger.runtime_bytes - soft + self._other_books()
-                growth.add(process - books, clean=True)
+                if process:                 # 0: NVML does not list this process (no reading)
+                    soft = sum(b.soft_device_bytes() for b in self._backends.values())
+                    growth.add(process - self._books_of_device() + soft, clean=True)
             return
         process = self.monitor.process_bytes()
         if not process:
             return
         with self._lock:
-            ledger = self._ledger
-            books = ledger.accounted_bytes() - ledger.runtime_bytes + self._other_books()
-            ledger.runtime_bytes = min(growth.add(process - books), ledger.device_budget // 4)
+            ledger.runtime_bytes = min(growth.add(process - self._books_of_device()), ledger.device_budget // 4)
 
-    def _other_books(self) -> int:
-        """Device bytes other live caches of this process account for on this cache's device (their
-        models are not this cache's runtimes' growth)."""
-        total = 0
+    def _books_of_device(self) -> int:
+        """Lock held: the device bytes this cache and the other live caches of the process account
+        for on this cache's device, without what runtimes took on their own."""
         mine = self.monitor
-        for other in list(closing.LIVE):
-            theirs = other.monitor
-            if other is self or other._closed or not (theirs is mine or (
-                    not mine.simulated and not theirs.simulated and theirs.device == mine.device)):
-                continue
-            try:            # read without their lock: a figure, not a plan
-                total += other._ledger.accounted_bytes() - other._ledger.runtime_bytes
-            except RuntimeError:    # pragma: no cover - their entries changed while read
+        others = [c for c in list(closing.LIVE) if c is not self and not c._closed and (c.monitor is mine or (
+            not mine.simulated and not c.monitor.simulated and c.monitor.device == mine.device))]
+        total = 0
+        for cache in [self] + others:
+            try:            # another cache's read without its lock: a figure, not a plan
+                total += cache._ledger.accounted_bytes() - cache._ledger.runtime_bytes
+            except RuntimeError:    # pragma: no cover - its entries changed while read
                 pass
         return total
-
 
     # ------------------------------------------------------------------ other operations
     def prefetch(self, name: str, tier: Tier = Tier.DEVICE,

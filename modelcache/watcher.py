@@ -50,7 +50,6 @@ class RuntimeGrowth:
     def __init__(self, window: int = 3) -> None:
         self.floor: Optional[int] = None
         self._readings: Deque[int] = collections.deque(maxlen=window)
-        self.bytes = 0
 
     def add(self, reading: int, clean: bool = False) -> int:
         """Take a reading (bytes); ``clean``: taken right after the runtimes gave back what they
@@ -60,5 +59,4 @@ class RuntimeGrowth:
         if self.floor is None:
             return 0
         self._readings.append(reading)
-        self.bytes = max(0, min(self._readings) - self.floor)
-        return self.bytes
+        return max(0, min(self._readings) - self.floor)

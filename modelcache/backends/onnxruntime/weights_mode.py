@@ -218,18 +218,19 @@ class WeightsMode(Mode):
                 "session_peak_bytes": group.peak_bytes if group else 0,
                 "session_warmup_error": group.warmup_error if group else None}
 
-    def _reclaimable(self) -> List[SessionGroup]:
-        """Groups with no member on the device whose runs' working memory the arena may keep."""
+    def _retained(self) -> List[SessionGroup]:
+        """Groups whose runs' working memory the arena may keep (counted whether or not it does)."""
         with self._lock:
             groups = list(self._groups.values())
-        return [g for g in groups if g.retained and g.session is not None and not g.resident()]
+        return [g for g in groups if g.retained and g.session is not None]
+
+    def _reclaimable(self) -> List[SessionGroup]:
+        """Of those, the groups with no member on the device."""
+        return [g for g in self._retained() if not g.resident()]
 
     def soft_bytes(self) -> int:
-        """The working memory counted for groups whose runs' memory the arena may keep (it may
-        have given it back: see ``Backend.soft_device_bytes``)."""
-        with self._lock:
-            groups = list(self._groups.values())
-        return sum(g.runs_working_bytes() for g in groups if g.retained and g.session is not None)
+        """See ``Backend.soft_device_bytes``."""
+        return sum(g.runs_working_bytes() for g in self._retained())
 
     def reclaimable_bytes(self) -> int:
         return sum(g.runs_working_bytes() for g in self._reclaimable())
