@@ -292,6 +292,28 @@ def _serve_checked(cache, models, after=None):
             after(name)
 
 
+def _budget_to(cache, nbytes):
+    """Tighten the cache's device budget to ``nbytes`` (a test's way to make room scarce)."""
+    cache.device_budget_bytes = cache._ledger.device_budget = nbytes
+
+
+def _recorded_moves(cache):
+    """The cache's swap-ins and evictions from now on, in order: ("in", model) or (reason, model)."""
+    moves = []
+    cache.on("swap_in", lambda e: moves.append(("in", e.model)))
+    cache.on("eviction", lambda e: moves.append((e.reason, e.model)))
+    return moves
+
+
+def _two_architectures_served(cache, tmp_path):
+    """Register two MLPs of other widths ("a", "b": two session groups) and serve each once."""
+    models = {"a": _mlp(tmp_path, 256, 1), "b": _mlp(tmp_path, 384, 2)}
+    for name, (path, _, _) in models.items():
+        cache.register(name, path, weights_threshold=4096, caller_threads=1)
+    _serve_checked(cache, models)
+    return models
+
+
 def test_models_of_one_architecture_share_one_session_counted_once(tmp_path):
     """Same graph and shapes, other weights (fine-tunes): one session, its bytes counted once, every
     output right; another size or architecture gets its own; the session goes with its last model."""
@@ -666,8 +688,7 @@ def test_a_parked_session_keeps_its_runs_working_memory_until_the_arena_gives_it
         cache.evict("b")
         need_b = cache.info("b").details["weights_bytes"]
         parked = cache.stats()["device.parked_bytes"]
-        cache.device_budget_bytes = cache.stats()["device.accounted_bytes"] + need_b - MiB
-        cache._ledger.device_budget = cache.device_budget_bytes
+        _budget_to(cache, cache.stats()["device.accounted_bytes"] + need_b - MiB)
         shrinks.clear()
         with cache.use("b") as m:
             np.testing.assert_allclose(m.run(None, {"x": xb})[0], yb, rtol=RTOL, atol=ATOL)
@@ -687,12 +708,8 @@ def test_a_swap_in_plans_for_working_memory_given_back_before(tmp_path):
     swap-in takes it again: the swap-in plans for it (found on the H200: the zoo stress's books
     went 17 % over the budget as reclaimed groups came back unplanned)."""
     device = mc.SimulatedDevice("64MiB", session_overhead="1MiB", run_overhead="2MiB")
-    path_a, x, y = _mlp(tmp_path, 256, 1)
-    path_b, xb, yb = _mlp(tmp_path, 384, 2)
     with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
-        cache.register("a", path_a, weights_threshold=4096, caller_threads=1)
-        cache.register("b", path_b, weights_threshold=4096, caller_threads=1)
-        _serve_checked(cache, {"a": (path_a, x, y), "b": (path_b, xb, yb)})
+        _, x, y = _two_architectures_served(cache, tmp_path)["a"]
         working = cache.info("a").details["working_bytes"] * 2     # the runner's run and the caller thread's
         assert working == 4 * MiB
         cache.evict("a")
@@ -702,11 +719,8 @@ def test_a_swap_in_plans_for_working_memory_given_back_before(tmp_path):
         assert backend.reclaimable_device_bytes() == 0
         weights = cache.info("a").details["weights_bytes"]
         # room for a's weights, not for its working memory too: b must go
-        cache.device_budget_bytes = cache.stats()["device.accounted_bytes"] + weights + working - 1
-        cache._ledger.device_budget = cache.device_budget_bytes
-        moves = []
-        cache.on("swap_in", lambda e: moves.append(("in", e.model)))
-        cache.on("eviction", lambda e: moves.append((e.reason, e.model)))
+        _budget_to(cache, cache.stats()["device.accounted_bytes"] + weights + working - 1)
+        moves = _recorded_moves(cache)
         with cache.use("a") as m:
             np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
             assert cache.stats()["device.accounted_bytes"] <= cache.device_budget_bytes
@@ -719,12 +733,8 @@ def test_a_session_made_again_plans_for_its_first_runs_peak(tmp_path):
     budget while sessions were made again): the peak is measured at the first creation, and a
     creation again makes room for it before it starts."""
     device = mc.SimulatedDevice("64MiB", session_overhead="1MiB", run_overhead="2MiB", session_peak="3MiB")
-    path_a, x, y = _mlp(tmp_path, 256, 1)
-    path_b, xb, yb = _mlp(tmp_path, 384, 2)
     with mc.ModelCache(monitor=device, reserve=0, watch_interval=None, disk_dir=str(tmp_path / "disk")) as cache:
-        cache.register("a", path_a, weights_threshold=4096, caller_threads=1)
-        cache.register("b", path_b, weights_threshold=4096, caller_threads=1)
-        _serve_checked(cache, {"a": (path_a, x, y), "b": (path_b, xb, yb)})
+        _, x, y = _two_architectures_served(cache, tmp_path)["a"]
         details = cache.info("a").details
         assert details["session_peak_bytes"] == 3 * MiB - 2 * MiB     # the warm-up run's working memory is planned apart
         cache.evict("a", tier=mc.Tier.DISK)             # its session goes
@@ -733,11 +743,8 @@ def test_a_session_made_again_plans_for_its_first_runs_peak(tmp_path):
         kept = details["weights_bytes"] + details["session_device_bytes"] + details["working_bytes"] * 2
         assert need == kept + 1 * MiB
         # room for what a keeps, not for the peak of its session's making too: b must go first
-        cache.device_budget_bytes = cache.stats()["device.accounted_bytes"] + need - 1
-        cache._ledger.device_budget = cache.device_budget_bytes
-        moves = []
-        cache.on("swap_in", lambda e: moves.append(("in", e.model)))
-        cache.on("eviction", lambda e: moves.append((e.reason, e.model)))
+        _budget_to(cache, cache.stats()["device.accounted_bytes"] + need - 1)
+        moves = _recorded_moves(cache)
         with cache.use("a") as m:
             np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
         assert moves == [("room", "b"), ("in", "a")]
