@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     stress.add_argument("--sim-link", type=float, help="simulated device: host->device GB/s (default: free copies)")
     stress.add_argument("--sim-session-overhead", default="0", help="simulated device: bytes a session costs")
     stress.add_argument("--simulate", action="store_true", help="a simulated device even where a GPU is present")
+    stress.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of ONNX Runtime's CUDA provider for every contender (repeatable)")
     stress.add_argument("--device-total", help="simulated device size (default: 4 x budget)")
     stress.add_argument("--models-dir", help="where generated models are kept, reused across runs "
                                              "(default: ~/.cache/modelcache/stress-models)")
@@ -141,6 +143,16 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.simulate, args.requests)
 
 
+def _key_values(items: List[str], flag: str) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
 def _stress(args: argparse.Namespace) -> int:
     from .stress import StressConfig, failed, run_stress, save_json   # models/sizes None: sized by run_stress
     from .stress.report import emit, plot
@@ -155,6 +167,7 @@ def _stress(args: argparse.Namespace) -> int:
                           simulate=args.simulate, max_swap_ins=args.max_swap_ins,
                           link_bytes_per_s=args.sim_link * 1e9 if args.sim_link else None,
                           session_overhead=args.sim_session_overhead,
+                          provider_options=_key_values(args.provider_option, "--provider-option"),
                           device_total=args.device_total, models_dir=args.models_dir, seed=args.seed,
                           progress=not args.no_progress)
     report = run_stress(config)

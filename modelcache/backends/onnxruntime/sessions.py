@@ -79,7 +79,7 @@ class CudaProvider(CpuProvider):
                                   f"(providers: {ort.get_available_providers()}); install onnxruntime-gpu")
         cuda = {"device_id": str(self.device), "arena_extend_strategy": "kSameAsRequested",
                 "cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "0",
-                "do_copy_in_default_stream": "1"}
+                "do_copy_in_default_stream": "1", "use_ep_level_unified_stream": "1"}
         cuda.update({k: str(v) for k, v in (options.get("provider_options") or {}).items()})
         return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 

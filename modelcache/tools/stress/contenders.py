@@ -61,9 +61,11 @@ class Contender:
 class ModelCacheContender(Contender):
     def __init__(self, policy: str, specs: Sequence[ModelSpec], monitor: DeviceMonitor, budget: int,
                  reserve: int, max_swap_ins: Optional[int] = None, prepare: bool = True,
-                 progress: Optional[Callable[[str, int, int], None]] = None) -> None:
+                 progress: Optional[Callable[[str, int, int], None]] = None,
+                 provider_options: Optional[Dict[str, str]] = None) -> None:
         """Registers ``specs``, parks them on the host and (``prepare``) swaps each in once;
-        ``progress(name, done, total)`` counts those steps."""
+        ``progress(name, done, total)`` counts those steps; ``provider_options`` go to ONNX
+        Runtime's CUDA provider."""
         from ...cache import ModelCache
         self.name = f"modelcache-{policy}"
         self.cache = ModelCache(monitor=monitor, device_budget=budget, reserve=reserve, policy=policy,
@@ -73,6 +75,8 @@ class ModelCacheContender(Contender):
         options: Dict[str, Any] = {"weights_threshold": threshold, "host_session": False}
         if generated:       # one topology at many widths, known to be right in weights mode: one session
             options.update(mode="weights", verify=False, share_sizes=True)
+        if provider_options:
+            options["provider_options"] = dict(provider_options)
         for spec in specs:
             self.cache.register(spec.name, spec.path, backend="onnxruntime", **options)
         task, total = f"{self.name} setup", len(specs) * (2 if prepare else 1)
@@ -132,12 +136,12 @@ class ModelCacheContender(Contender):
 class _SessionContender(Contender):
     """Shared by the baselines: stock ONNX Runtime sessions created from the model file."""
 
-    def __init__(self, monitor: DeviceMonitor) -> None:
+    def __init__(self, monitor: DeviceMonitor, provider_options: Optional[Dict[str, str]] = None) -> None:
         import onnxruntime as ort
         super().__init__(monitor)
         self.ort = ort
-        self.providers = ["CPUExecutionProvider"] if monitor.simulated else \
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self.providers: List[Any] = ["CPUExecutionProvider"] if monitor.simulated else \
+            [("CUDAExecutionProvider", dict(provider_options or {})), "CPUExecutionProvider"]
         self._loads = 0
         self._load_times: List[float] = []
         self._lock = threading.Lock()
@@ -177,8 +181,8 @@ class _SessionContender(Contender):
 class LruCountContender(_SessionContender):
     """LRU by model count (Ray Serve's max_num_models_per_replica)."""
 
-    def __init__(self, count: int, monitor: DeviceMonitor) -> None:
-        super().__init__(monitor)
+    def __init__(self, count: int, monitor: DeviceMonitor, provider_options: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(monitor, provider_options)
         self.name = "lru-count"
         self.count = count
         self.sessions: "collections.OrderedDict[str, Tuple[Any, Any]]" = collections.OrderedDict()
@@ -221,8 +225,8 @@ class LruCountContender(_SessionContender):
 class NaiveContender(_SessionContender):
     """The seed's recipe: load on a miss, unload the rest (one model on the device at a time)."""
 
-    def __init__(self, monitor: DeviceMonitor) -> None:
-        super().__init__(monitor)
+    def __init__(self, monitor: DeviceMonitor, provider_options: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(monitor, provider_options)
         self.name = "naive"
         self.current: Optional[Tuple[str, Any, Any]] = None
         self._serve_lock = threading.Lock()

@@ -68,6 +68,7 @@ class StressConfig:
     max_swap_ins: Optional[int] = None        #: modelcache's limit on swap-ins in flight (None: none)
     link_bytes_per_s: Optional[float] = None  #: simulated device: host->device bandwidth (None: free copies)
     session_overhead: Size = 0                #: simulated device: bytes a session costs besides weights
+    provider_options: Dict[str, str] = field(default_factory=dict)  #: ONNX Runtime's CUDA provider, every contender
     models_dir: Optional[str] = None
     seed: int = 0
     progress: bool = True
@@ -351,7 +352,8 @@ def _run_stress(config: StressConfig, log: Callable[[str], None], progress: Prog
     for policy in config.policies:
         setup = time.perf_counter()
         contender: Contender = ModelCacheContender(policy, specs, monitor(), budget, reserve, config.max_swap_ins,
-                                        config.prepare, progress=progress.unit("model"))
+                                        config.prepare, progress=progress.unit("model"),
+                                        provider_options=config.provider_options)
         log(f"  {contender.name}: {len(specs)} models parked on the host"
             f"{' and prepared on the device' if config.prepare else ''} in {time.perf_counter() - setup:.1f} s")
         try:
@@ -363,9 +365,9 @@ def _run_stress(config: StressConfig, log: Callable[[str], None], progress: Prog
     base_trace = trace[:config.baseline_requests] if config.baseline_requests else trace
     for baseline in config.baselines:
         if baseline == "lru-count":
-            contender = LruCountContender(count, monitor())
+            contender = LruCountContender(count, monitor(), config.provider_options)
         elif baseline == "naive":
-            contender = NaiveContender(monitor())
+            contender = NaiveContender(monitor(), config.provider_options)
         else:
             raise ConfigError(f"baseline {baseline!r} is unknown; use lru-count or naive")
         served = trace[:config.naive_requests] if baseline == "naive" and config.naive_requests else base_trace
