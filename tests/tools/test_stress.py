@@ -163,3 +163,25 @@ def test_stress_on_architectures_keeps_the_device_and_the_books_within_the_budge
     assert report["architectures"] == 6
     assert c["peak_device_bytes"] <= report["budget_bytes"]
     assert c["peak_accounted_bytes"] <= report["budget_bytes"]
+
+
+def test_provider_options_reach_every_contender_and_the_report(tmp_path, monkeypatch, capsys):
+    seen = {}
+    real_register = mc.ModelCache.register
+
+    def register(self, name, source, **options):
+        seen[name] = options.get("provider_options")
+        return real_register(self, name, source, **options)
+    monkeypatch.setattr(mc.ModelCache, "register", register)
+    out_json = tmp_path / "r.json"
+    args = SMALL + ["--models-dir", str(tmp_path / "models"), "--json", str(out_json), "--policies", "lru",
+                    "--provider-option", "use_ep_level_unified_stream=0", "--provider-option", "a=b=c"]
+    assert cli_main(["stress"] + args) == 0
+    expected = {"use_ep_level_unified_stream": "0", "a": "b=c"}
+    assert seen and all(v == expected for v in seen.values())
+    assert json.loads(out_json.read_text())["config"]["provider_options"] == expected
+    lru = stress.LruCountContender(2, mc.SimulatedDevice("1GiB"), expected)
+    assert lru.providers == ["CPUExecutionProvider"]         # a simulated device: the CPU provider
+    capsys.readouterr()
+    assert cli_main(["stress", "--provider-option", "novalue"] + SMALL) == 2
+    assert "--provider-option 'novalue': expected KEY=VALUE" in capsys.readouterr().err
