@@ -293,6 +293,12 @@ class DeviceMemory(ABC):
         as the monitor reads it; on a simulated device, ``expected_bytes`` booked before ``fn``
         runs (so a full device fails as a GPU would)."""
 
+    def measure_release(self, fn: Callable[[], T]) -> Tuple[T, Optional[int]]:
+        """Run ``fn`` (which makes a runtime give memory back: an arena shrunk) and return its
+        result and the device bytes the process got back (the monitor's reading before less
+        after, other threads' moves included); None where it cannot be seen."""
+        return fn(), None
+
     def measure_peak(self, fn: Callable[[], T], *, expected_bytes: int, owner: str = "") -> Tuple[T, Charge, int]:
         """:meth:`measure`, and how far the device's use rose above what stays while ``fn`` ran
         (bytes): a session's first run searches convolution algorithms with workspaces it gives

@@ -477,6 +477,12 @@ class CudaMemory(DeviceMemory):
         after = self.monitor.process_bytes() or 0
         return result, Charge(max(0, after - before))
 
+    def measure_release(self, fn: Callable[[], T]) -> Tuple[T, Optional[int]]:
+        before = self.monitor.process_bytes()
+        result = fn()
+        after = self.monitor.process_bytes()
+        return result, (max(0, before - after) if before and after else None)   # 0: NVML has no reading
+
     def measure_peak(self, fn: Callable[[], T], *, expected_bytes: int, owner: str = "") -> Tuple[T, Charge, int]:
         """The device's free memory is sampled every half millisecond while ``fn`` runs (runtimes
         release the GIL while they work): the lowest reading against the first, less what stays."""

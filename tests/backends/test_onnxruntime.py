@@ -663,7 +663,7 @@ def test_a_parked_session_keeps_its_runs_working_memory_until_the_arena_gives_it
     from modelcache.backends.onnxruntime import sessions as sessions_module
     shrinks = []
     real = sessions_module.Sessions.shrink_arena
-    monkeypatch.setattr(sessions_module.Sessions, "shrink_arena", lambda self: (shrinks.append(1), real(self)))
+    monkeypatch.setattr(sessions_module.Sessions, "shrink_arena", lambda self: (shrinks.append(1), real(self))[1])
     device = mc.SimulatedDevice("64MiB", session_overhead="1MiB", run_overhead="2MiB")
     path_a, x, y = _mlp(tmp_path, 256, 1)
     path_b, xb, yb = _mlp(tmp_path, 384, 2)
@@ -725,6 +725,53 @@ def test_a_swap_in_plans_for_working_memory_given_back_before(tmp_path):
             np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
             assert cache.stats()["device.accounted_bytes"] <= cache.device_budget_bytes
         assert moves == [("room", "b"), ("in", "a")]       # made room first, not relieved after
+
+
+def _arena_slack_bytes():
+    from modelcache.backends.onnxruntime import weights_mode
+    return weights_mode.ARENA_SLACK_BYTES
+
+
+def test_a_shrink_stops_counting_only_what_the_device_got_back(tmp_path, monkeypatch):
+    """On the H200 a shrink of the shared arena gave back 6 of the 152 MiB of working memory the
+    books then stopped counting (the arena's regions were held by other allocations): a reclaim
+    clears a parked architecture's working memory only as far as the process's reading fell, the
+    rest stays counted and is not asked for again until the architecture runs again or a session
+    goes (whose shrink may free those regions)."""
+    from modelcache.backends.onnxruntime import sessions as sessions_module
+    released = [0]
+    monkeypatch.setattr(sessions_module.Sessions, "shrink_arena", lambda self: released[0])
+    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB", run_overhead="4MiB")
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None, disk_dir=str(tmp_path / "disk")) as cache:
+        served = _two_architectures_served(cache, tmp_path)
+        working = cache.info("a").details["working_bytes"] * 2
+        assert working == 8 * MiB > _arena_slack_bytes()
+        cache.evict("a")
+        cache.evict("b")
+        backend = cache._entries["a"].backend
+        assert backend.reclaimable_device_bytes() == 2 * working
+        parked = cache.stats()["device.parked_bytes"]
+        released[0] = working - 5 * MiB + working      # enough for one architecture's, not for both
+        backend.reclaim_device_bytes()
+        assert cache.stats()["device.parked_bytes"] == parked - working      # one cleared, one still counted
+        assert backend.reclaimable_device_bytes() == 0                       # and not asked for again
+        released[0] = working
+        name, (path, x, y) = next(iter(served.items()))
+        with cache.use(name) as m:                   # it runs again: its working memory may go back later
+            np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+        cache.evict(name)
+        assert backend.reclaimable_device_bytes() >= working
+        released[0] = 0
+        backend.reclaim_device_bytes()
+        assert backend.reclaimable_device_bytes() == 0
+        kept = cache.stats()["device.parked_bytes"]
+        other = [n for n in served if n != name][0]
+        cache.evict(other, tier=mc.Tier.DISK)        # a session goes: what the arena kept is asked for again
+        assert backend.reclaimable_device_bytes() > 0 and cache.stats()["device.parked_bytes"] < kept
+        released[0] = None                            # no reading: cleared as before
+        backend.reclaim_device_bytes()
+        assert backend.reclaimable_device_bytes() == 0
+        assert cache.stats()["device.accounted_bytes"] <= cache.device_budget_bytes
 
 
 def test_a_session_made_again_plans_for_its_first_runs_peak(tmp_path):

@@ -267,13 +267,14 @@ class Sessions:
     def run_options(self, options: Dict[str, Any]) -> Any:
         return self.device.run_options(options)
 
-    def shrink_arena(self) -> None:
+    def shrink_arena(self) -> Optional[int]:
         """Give the free memory of the shared device arena back to the driver. The arena keeps
         what runs allocated (their working memory) until it is shrunk, so an architecture counts
         it until then (``SessionGroup.kept_bytes``); the cache has it shrunk before it evicts for
         room (``WeightsMode.reclaim``) and a session's going shrinks it. Runs on a thread of its
         own (ONNX Runtime keeps state for each thread that runs a session); nothing without a
-        shared arena."""
+        shared arena. Returns the device bytes the process got back meanwhile
+        (``DeviceMemory.measure_release``; None: no shared arena, or no reading)."""
         with self._lock:
             if self._shrinker is None:
                 runner = self.memory.new_runner("ort-arena")
@@ -287,11 +288,12 @@ class Sessions:
                 self._shrinker = (runner if session is not None else None, session)
             runner, session = self._shrinker
         if session is None:
-            return
+            return None
         feed = {"x": np.zeros(1, np.float32)}
         shrink = self.device.shrinking_run_options()
         with self.gate.read():
-            runner.call(session.run, None, feed, shrink)
+            _, released = self.memory.measure_release(lambda: runner.call(session.run, None, feed, shrink))
+        return released
 
     # files ------------------------------------------------------------------------------------
     def host_files_dir(self, nbytes: int) -> str:

@@ -33,6 +33,9 @@ logger = logging.getLogger("modelcache")
 
 #: default of the ``caller_threads`` option (see callers.py)
 CALLER_THREADS = 1
+#: how far a shrink's measured release may fall short of what it frees in the books (the
+#: process's reading moves in pages of the driver's allocations)
+ARENA_SLACK_BYTES = 4 << 20
 
 
 def caller_threads(options: Dict[str, Any]) -> int:
@@ -69,6 +72,9 @@ class SessionGroup:
         # its runs' working memory is (or may still be) in the shared arena: set at each swap-in of
         # a member, cleared when the arena is shrunk with no member on the device
         self.retained = False
+        # a shrink gave back less than it: still counted, and not reclaimed again until it runs
+        # again or a session goes (whose shrink may free the arena regions it holds)
+        self.arena_kept = False
         self.joins = 0                  # swap-ins of its members so far (see WeightsMode.reclaim)
 
     def device_bytes(self) -> int:
@@ -126,6 +132,7 @@ class WeightsMode(Mode):
         handle.device_weights = buffer
         handle.device_bytes = nbytes      # plus the group's session if it carries it
         group.retained = True             # it runs: the arena keeps its working memory
+        group.arena_kept = False
         group.joins += 1
         handle.wrapper = OrtModel(handle.name, group.session, handle.weights, (memory.kind, memory.index), buffer.ptr,
                                   handle.input_names, handle.output_names,
@@ -225,8 +232,8 @@ class WeightsMode(Mode):
         return [g for g in groups if g.retained and g.session is not None]
 
     def _reclaimable(self) -> List[SessionGroup]:
-        """Of those, the groups with no member on the device."""
-        return [g for g in self._retained() if not g.resident()]
+        """Of those, the groups with no member on the device, unless a shrink left theirs."""
+        return [g for g in self._retained() if not g.resident() and not g.arena_kept]
 
     def soft_bytes(self) -> int:
         """See ``Backend.soft_device_bytes``."""
@@ -237,16 +244,27 @@ class WeightsMode(Mode):
 
     def reclaim(self) -> None:
         """Shrink the shared arena: what runs of groups off the device left there goes back to the
-        driver, and those groups stop counting it (groups on the device keep counting theirs)."""
+        driver, and those groups stop counting it (groups on the device keep counting theirs) as
+        far as the device got it back: where the process's reading fell by less (the arena's
+        regions are held by other allocations), the groups whose working memory did not come back
+        keep counting it, smallest first cleared."""
         parked = [(g, g.joins) for g in self._reclaimable()]
         if not parked:
             return
+        released: Optional[int] = None
         try:
-            self.backend.sessions.shrink_arena()
-        finally:    # cleared even if the shrink failed: the cache would ask again and again
-            for group, joins in parked:
-                if group.joins == joins and not group.resident():   # one that came back meanwhile keeps it
+            released = self.backend.sessions.shrink_arena()
+        finally:    # cleared even if the shrink failed or was not seen: the cache would ask again and again
+            left = None if released is None else released + ARENA_SLACK_BYTES
+            for group, joins in sorted(parked, key=lambda p: p[0].runs_working_bytes()):
+                if group.joins != joins or group.resident():    # one that came back meanwhile keeps it
+                    continue
+                nbytes = group.runs_working_bytes()
+                if left is None or nbytes <= left:
                     group.retained = False
+                    left = None if left is None else left - nbytes
+                else:
+                    group.arena_kept = True
 
     def stats(self) -> Dict[str, Any]:
         with self._lock:
@@ -498,6 +516,9 @@ class WeightsMode(Mode):
                 self.backend.sessions.shrink_arena()
             except Exception:       # pragma: no cover - the arena stays as it was; nothing is lost
                 logger.warning("modelcache: shrinking the shared ONNX Runtime arena failed", exc_info=True)
+            with self._lock:        # the session's constants may have held regions that others' runs left
+                for other in self._groups.values():
+                    other.arena_kept = False
             if charge is not None:
                 charge.free()
             if callers is not None:
