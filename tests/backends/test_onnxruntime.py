@@ -749,12 +749,13 @@ def test_a_shrink_stops_counting_only_what_the_device_got_back(tmp_path, monkeyp
         cache.evict("a")
         cache.evict("b")
         backend = cache._entries["a"].backend
-        assert backend.reclaimable_device_bytes() == 2 * working
+        assert backend.reclaimable_device_bytes() == backend.soft_device_bytes() == 2 * working
         parked = cache.stats()["device.parked_bytes"]
         released[0] = working - 5 * MiB + working      # enough for one architecture's, not for both
         backend.reclaim_device_bytes()
         assert cache.stats()["device.parked_bytes"] == parked - working      # one cleared, one still counted
         assert backend.reclaimable_device_bytes() == 0                       # and not asked for again
+        assert backend.soft_device_bytes() == 0          # known to be held: not "may or may not" (the growth's floor)
         released[0] = working
         name, (path, x, y) = next(iter(served.items()))
         with cache.use(name) as m:                   # it runs again: its working memory may go back later

@@ -236,8 +236,8 @@ class WeightsMode(Mode):
         return [g for g in self._retained() if not g.resident() and not g.arena_kept]
 
     def soft_bytes(self) -> int:
-        """See ``Backend.soft_device_bytes``."""
-        return sum(g.runs_working_bytes() for g in self._retained())
+        """See ``Backend.soft_device_bytes``: not what a shrink has just shown the arena keeps."""
+        return sum(g.runs_working_bytes() for g in self._retained() if not g.arena_kept)
 
     def reclaimable_bytes(self) -> int:
         return sum(g.runs_working_bytes() for g in self._reclaimable())
