@@ -6,7 +6,8 @@ zoo architectures, one model each, on a budget they all fit in; the device bytes
 books after sequential runs, after 8 threads over all six, after 8 threads on one model; request
 throughput of those phases, and the median sequential run per model. Every output is compared
 bitwise with that model's first output. Needs a GPU and the zoo
-(``python benchmarks/zoo.py --export-only``); ``--sim`` is a dry run on the CPU builders.
+(``python benchmarks/zoo.py --export-only``); ``--sim`` is a dry run of the script on the CPU
+builders (the CPU provider takes no stream option: both variants run alike there).
 
     python benchmarks/stream_memory.py [--json OUT.json]
 """
@@ -55,7 +56,7 @@ def one(variant: str, sim: bool) -> dict:
     def gap() -> int:
         with cache._lock:
             books = cache._ledger.accounted_bytes()
-        return round((mon.process_bytes() - books) / MiB)
+        return round(((mon.process_bytes() or 0) - books) / MiB)
 
     def request(n: str) -> None:
         with cache.use(n, timeout=600) as m:

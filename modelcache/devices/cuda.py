@@ -271,6 +271,7 @@ class Releaser:
         self._cond = threading.Condition()
         self._queue: "List[Tuple[Stream, int]]" = []
         self._pending = 0
+        self.freed_total = 0            # bytes handed to release() so far (see CudaMemory.measure_release)
         self._thread: Optional[threading.Thread] = None
         self._closed = False
 
@@ -285,6 +286,7 @@ class Releaser:
             if not self._closed:
                 self._queue.append((stream, nbytes))
                 self._pending += nbytes
+                self.freed_total += nbytes
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._loop, name="modelcache-releaser", daemon=True)
                     self._thread.start()
@@ -478,10 +480,17 @@ class CudaMemory(DeviceMemory):
         return result, Charge(max(0, after - before))
 
     def measure_release(self, fn: Callable[[], T]) -> Tuple[T, Optional[int]]:
-        before = self.monitor.process_bytes()
+        """Buffers other threads freed meanwhile are taken off (they would pass for the release);
+        their allocations are not added back (one served from the pool's reserve shows nowhere):
+        an error, if any, towards a smaller release."""
+        before = self.monitor.process_bytes()      # frees queued before it have been given back
+        freed = self.releaser.freed_total
         result = fn()
-        after = self.monitor.process_bytes()
-        return result, (max(0, before - after) if before and after else None)   # 0: NVML has no reading
+        freed = self.releaser.freed_total - freed
+        after = self.monitor.process_bytes()       # and those queued meanwhile
+        if not before or not after:                # 0: NVML does not list this process
+            return result, None
+        return result, max(0, before - after - freed)
 
     def measure_peak(self, fn: Callable[[], T], *, expected_bytes: int, owner: str = "") -> Tuple[T, Charge, int]:
         """The device's free memory is sampled every half millisecond while ``fn`` runs (runtimes

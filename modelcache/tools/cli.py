@@ -143,12 +143,17 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.simulate, args.requests)
 
 
-def _key_values(items: List[str], flag: str) -> Dict[str, str]:
+def _key_values(items: List[str], flag: str, refused: Tuple[str, ...] = ()) -> Dict[str, str]:
     out: Dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        if key in out:
+            raise ConfigError(f"{flag} {key} given twice ({out[key]!r}, {value!r})")
+        if key in refused:
+            raise ConfigError(f"{flag} {key}: set by modelcache itself; not an option here")
         out[key] = value
     return out
 
@@ -167,7 +172,7 @@ def _stress(args: argparse.Namespace) -> int:
                           simulate=args.simulate, max_swap_ins=args.max_swap_ins,
                           link_bytes_per_s=args.sim_link * 1e9 if args.sim_link else None,
                           session_overhead=args.sim_session_overhead,
-                          provider_options=_key_values(args.provider_option, "--provider-option"),
+                          provider_options=_key_values(args.provider_option, "--provider-option", ("device_id",)),
                           device_total=args.device_total, models_dir=args.models_dir, seed=args.seed,
                           progress=not args.no_progress)
     report = run_stress(config)

@@ -737,10 +737,15 @@ def test_a_shrink_stops_counting_only_what_the_device_got_back(tmp_path, monkeyp
     books then stopped counting (the arena's regions were held by other allocations): a reclaim
     clears a parked architecture's working memory only as far as the process's reading fell, the
     rest stays counted and is not asked for again until the architecture runs again or a session
-    goes (whose shrink may free those regions)."""
+    goes (whose shrink may free those regions); a shrink that fails clears nothing."""
     from modelcache.backends.onnxruntime import sessions as sessions_module
     released = [0]
-    monkeypatch.setattr(sessions_module.Sessions, "shrink_arena", lambda self: released[0])
+
+    def shrink(self):
+        if isinstance(released[0], Exception):
+            raise released[0]
+        return released[0]
+    monkeypatch.setattr(sessions_module.Sessions, "shrink_arena", shrink)
     device = mc.SimulatedDevice("64MiB", session_overhead="1MiB", run_overhead="4MiB")
     with mc.ModelCache(monitor=device, reserve=0, watch_interval=None, disk_dir=str(tmp_path / "disk")) as cache:
         served = _two_architectures_served(cache, tmp_path)
@@ -751,28 +756,67 @@ def test_a_shrink_stops_counting_only_what_the_device_got_back(tmp_path, monkeyp
         backend = cache._entries["a"].backend
         assert backend.reclaimable_device_bytes() == backend.soft_device_bytes() == 2 * working
         parked = cache.stats()["device.parked_bytes"]
+
+        def kept():
+            groups = {n: cache._entries[n].handle.group for n in served}
+            return sorted(n for n, g in groups.items() if g is not None and g.arena_kept)
+        released[0] = RuntimeError("the shrink failed")
+        with pytest.raises(RuntimeError):
+            backend.reclaim_device_bytes()
+        assert cache.stats()["device.parked_bytes"] == parked and kept() == ["a", "b"]   # nothing cleared
+        assert backend.reclaimable_device_bytes() == 0
+        for name, (path, x, y) in served.items():      # they run again: asked for again
+            with cache.use(name) as m:
+                np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+            cache.evict(name)
+        assert kept() == [] and backend.reclaimable_device_bytes() == 2 * working
         released[0] = working - 5 * MiB + working      # enough for one architecture's, not for both
         backend.reclaim_device_bytes()
         assert cache.stats()["device.parked_bytes"] == parked - working      # one cleared, one still counted
         assert backend.reclaimable_device_bytes() == 0                       # and not asked for again
         assert backend.soft_device_bytes() == 0          # known to be held: not "may or may not" (the growth's floor)
-        released[0] = working
-        name, (path, x, y) = next(iter(served.items()))
-        with cache.use(name) as m:                   # it runs again: its working memory may go back later
+        [still] = kept()
+        path, x, y = served[still]
+        with cache.use(still) as m:                  # it runs again: its working memory may go back later
             np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
-        cache.evict(name)
-        assert backend.reclaimable_device_bytes() >= working
+        cache.evict(still)
+        assert kept() == [] and backend.reclaimable_device_bytes() == working
         released[0] = 0
         backend.reclaim_device_bytes()
-        assert backend.reclaimable_device_bytes() == 0
-        kept = cache.stats()["device.parked_bytes"]
-        other = [n for n in served if n != name][0]
+        assert kept() == [still] and backend.reclaimable_device_bytes() == 0
+        other = [n for n in served if n != still][0]
+        with cache.use(other):                        # on the device: what its runs left is not b's to claim
+            released[0] = working + working
+            backend.reclaim_device_bytes()            # kept: none parked to ask
+            assert kept() == [still]
         cache.evict(other, tier=mc.Tier.DISK)        # a session goes: what the arena kept is asked for again
-        assert backend.reclaimable_device_bytes() > 0 and cache.stats()["device.parked_bytes"] < kept
+        assert kept() == [] and backend.reclaimable_device_bytes() == working
         released[0] = None                            # no reading: cleared as before
         backend.reclaim_device_bytes()
-        assert backend.reclaimable_device_bytes() == 0
+        assert backend.reclaimable_device_bytes() == 0 and kept() == []
         assert cache.stats()["device.accounted_bytes"] <= cache.device_budget_bytes
+
+
+def test_a_reclaim_does_not_credit_parked_architectures_with_what_resident_ones_gave_back(tmp_path, monkeypatch):
+    """The shrink also returns what runs of architectures still on the device left in the arena
+    (they keep counting theirs): that share is not taken as a parked one's."""
+    from modelcache.backends.onnxruntime import sessions as sessions_module
+    released = [0]
+    monkeypatch.setattr(sessions_module.Sessions, "shrink_arena", lambda self: released[0])
+    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB", run_overhead="4MiB")
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None, disk_dir=str(tmp_path / "disk")) as cache:
+        served = _two_architectures_served(cache, tmp_path)
+        working = cache.info("a").details["working_bytes"] * 2
+        cache.evict("a")                              # b stays on the device
+        backend = cache._entries["a"].backend
+        released[0] = working                         # as much as b's runs could have left
+        backend.reclaim_device_bytes()
+        assert cache._entries["a"].handle.group.arena_kept and cache._entries["a"].handle.group.retained
+        released[0] = 2 * working                     # b's and a's
+        cache._entries["a"].handle.group.arena_kept = False
+        backend.reclaim_device_bytes()
+        assert not cache._entries["a"].handle.group.retained
+        assert set(served) == {"a", "b"}
 
 
 def test_a_session_made_again_plans_for_its_first_runs_peak(tmp_path):

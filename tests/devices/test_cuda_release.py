@@ -185,3 +185,29 @@ def test_measure_peak_samples_the_device_while_the_call_runs():
     memory.measure = lambda fn, **kw: cuda.CudaMemory.measure(memory, fn, **kw)
     result, charge, peak = cuda.CudaMemory.measure_peak(memory, work, expected_bytes=0)
     assert result == "made" and charge.nbytes == 40 * MiB and peak == 260 * MiB
+
+
+def test_a_release_is_measured_without_the_buffers_other_threads_freed_meanwhile():
+    """``measure_release`` (a shrink of ONNX Runtime's arena): the process's reading before less
+    after, less the bytes of buffers freed meanwhile (they would pass for the arena's); no reading
+    (NVML does not list the process): unknown."""
+    class Monitor:
+        device = 0
+
+        def __init__(self, readings):
+            self.readings = list(readings)
+
+        def process_bytes(self):
+            return self.readings.pop(0)
+
+    memory = cuda.CudaMemory(Monitor([1000 * MiB, 600 * MiB]))
+
+    def shrink_while_another_thread_frees():
+        memory.releaser.freed_total += 300 * MiB
+        return "shrunk"
+    assert memory.measure_release(shrink_while_another_thread_frees) == ("shrunk", 100 * MiB)
+    memory.monitor = Monitor([1000 * MiB, 900 * MiB])
+    assert memory.measure_release(shrink_while_another_thread_frees) == ("shrunk", 0)   # never below 0
+    memory.monitor = Monitor([0, 0])
+    assert memory.measure_release(lambda: None) == (None, None)
+    memory.close()

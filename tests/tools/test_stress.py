@@ -180,8 +180,16 @@ def test_provider_options_reach_every_contender_and_the_report(tmp_path, monkeyp
     expected = {"use_ep_level_unified_stream": "0", "a": "b=c"}
     assert seen and all(v == expected for v in seen.values())
     assert json.loads(out_json.read_text())["config"]["provider_options"] == expected
+    assert "unused: the CPU provider runs on a simulated device" in capsys.readouterr().out
     lru = stress.LruCountContender(2, mc.SimulatedDevice("1GiB"), expected)
     assert lru.providers == ["CPUExecutionProvider"]         # a simulated device: the CPU provider
-    capsys.readouterr()
-    assert cli_main(["stress", "--provider-option", "novalue"] + SMALL) == 2
-    assert "--provider-option 'novalue': expected KEY=VALUE" in capsys.readouterr().err
+
+    class OnAGpu(mc.SimulatedDevice):
+        simulated = False
+    lru = stress.LruCountContender(2, OnAGpu("1GiB"), expected)
+    assert lru.providers == [("CUDAExecutionProvider", expected), "CPUExecutionProvider"]
+    for bad, why in ((["novalue"], "'novalue': expected KEY=VALUE"), (["a=1", " a =2"], "a given twice"),
+                     (["device_id=1"], "device_id: set by modelcache itself")):
+        args = [x for item in bad for x in ("--provider-option", item)]
+        assert cli_main(["stress"] + args + SMALL) == 2
+        assert why in capsys.readouterr().err

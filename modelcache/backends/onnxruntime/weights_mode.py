@@ -36,6 +36,8 @@ CALLER_THREADS = 1
 #: how far a shrink's measured release may fall short of what it frees in the books (the
 #: process's reading moves in pages of the driver's allocations)
 ARENA_SLACK_BYTES = 4 << 20
+#: shrinks a reclaim measures while sessions going meanwhile blur the reading (then it keeps counting)
+RECLAIM_ATTEMPTS = 3
 
 
 def caller_threads(options: Dict[str, Any]) -> int:
@@ -70,10 +72,10 @@ class SessionGroup:
         self.peak_bytes = 0
         self.callers: Optional[CallerThreads] = None   # threads that run it themselves (caller_threads)
         # its runs' working memory is (or may still be) in the shared arena: set at each swap-in of
-        # a member, cleared when the arena is shrunk with no member on the device
+        # a member, cleared when a shrink with no member on the device gave it back (WeightsMode.reclaim)
         self.retained = False
-        # a shrink gave back less than it: still counted, and not reclaimed again until it runs
-        # again or a session goes (whose shrink may free the arena regions it holds)
+        # a shrink gave back less than this working memory: still counted, and not asked for again
+        # until it runs again or a session goes (whose constants may have held the arena's regions)
         self.arena_kept = False
         self.joins = 0                  # swap-ins of its members so far (see WeightsMode.reclaim)
 
@@ -91,8 +93,8 @@ class SessionGroup:
 
     def kept_bytes(self) -> int:
         """What the group keeps on the device while its session exists: the session, and its runs'
-        working memory while the shared arena may keep it (from a member's swap-in until the arena
-        is shrunk with none on the device: ``WeightsMode.reclaim``, and when the session goes)."""
+        working memory while the shared arena may keep it (from a member's swap-in until a shrink
+        with none on the device gave it back: ``WeightsMode.reclaim``, or the session goes)."""
         return self.device_bytes() + (self.runs_working_bytes() if self.retained else 0)
 
 
@@ -106,6 +108,7 @@ class WeightsMode(Mode):
         self._session_bytes_seen = 0
         self._known: Dict[str, Tuple[int, int, int]] = {}   # group key -> (session, working, peak) bytes measured
         self.sessions_created = 0
+        self._drops = 0                 # sessions freed so far (see reclaim)
 
     # moves -------------------------------------------------------------------------------------
     def to_device(self, handle: OrtHandle) -> None:
@@ -131,9 +134,10 @@ class WeightsMode(Mode):
             raise
         handle.device_weights = buffer
         handle.device_bytes = nbytes      # plus the group's session if it carries it
-        group.retained = True             # it runs: the arena keeps its working memory
-        group.arena_kept = False
-        group.joins += 1
+        with self._lock:
+            group.retained = True         # it runs: the arena keeps its working memory
+            group.arena_kept = False
+            group.joins += 1
         handle.wrapper = OrtModel(handle.name, group.session, handle.weights, (memory.kind, memory.index), buffer.ptr,
                                   handle.input_names, handle.output_names,
                                   self.backend.sessions.run_options(handle.options), group.runner, gate,
@@ -244,26 +248,45 @@ class WeightsMode(Mode):
 
     def reclaim(self) -> None:
         """Shrink the shared arena: what runs of groups off the device left there goes back to the
-        driver, and those groups stop counting it (groups on the device keep counting theirs) as
-        far as the device got it back: where the process's reading fell by less (the arena's
-        regions are held by other allocations), the groups whose working memory did not come back
-        keep counting it, smallest first cleared."""
-        parked = [(g, g.joins) for g in self._reclaimable()]
-        if not parked:
+        driver, and those groups stop counting it as far as the process's reading fell over the
+        shrink (``DeviceMemory.measure_release``), less what groups on the device (which keep
+        counting theirs) may have given back: where it fell by less (the arena's regions are held
+        by other allocations), the groups whose working memory did not come back keep counting it,
+        the smallest cleared first, and are not asked for it again until they run again or a
+        session goes (``SessionGroup.arena_kept``). A shrink that failed clears nothing; one not
+        seen (no reading, no shared arena) clears every one, as the device cannot tell."""
+        for attempt in range(RECLAIM_ATTEMPTS):
+            with self._lock:
+                live = [g for g in self._groups.values() if g.retained and g.session is not None]
+                parked = [(g, g.joins) for g in live if not g.resident() and not g.arena_kept]
+                resident = sum(g.runs_working_bytes() for g in live if g.resident())
+                drops = self._drops
+            if not parked:
+                return
+            try:
+                released = self.backend.sessions.shrink_arena()
+            except BaseException:
+                self._keep(parked)          # nothing known to be given back; not asked again
+                raise
+            left = None if released is None else released + ARENA_SLACK_BYTES - resident
+            with self._lock:
+                if left is not None and self._drops != drops and attempt + 1 < RECLAIM_ATTEMPTS:
+                    continue    # a session went meanwhile: its frees are in the reading; again
+                for group, joins in sorted(parked, key=lambda p: p[0].runs_working_bytes()):
+                    if group.joins != joins or group.resident():    # one that came back meanwhile keeps it
+                        continue
+                    nbytes = group.runs_working_bytes()
+                    if left is None or (nbytes <= left and self._drops == drops):
+                        group.retained = False
+                        left = None if left is None else left - nbytes
+                    else:
+                        group.arena_kept = True
             return
-        released: Optional[int] = None
-        try:
-            released = self.backend.sessions.shrink_arena()
-        finally:    # cleared even if the shrink failed or was not seen: the cache would ask again and again
-            left = None if released is None else released + ARENA_SLACK_BYTES
-            for group, joins in sorted(parked, key=lambda p: p[0].runs_working_bytes()):
-                if group.joins != joins or group.resident():    # one that came back meanwhile keeps it
-                    continue
-                nbytes = group.runs_working_bytes()
-                if left is None or nbytes <= left:
-                    group.retained = False
-                    left = None if left is None else left - nbytes
-                else:
+
+    def _keep(self, parked: List[Tuple[SessionGroup, int]]) -> None:
+        with self._lock:
+            for group, joins in parked:
+                if group.joins == joins:
                     group.arena_kept = True
 
     def stats(self) -> Dict[str, Any]:
@@ -517,6 +540,7 @@ class WeightsMode(Mode):
             except Exception:       # pragma: no cover - the arena stays as it was; nothing is lost
                 logger.warning("modelcache: shrinking the shared ONNX Runtime arena failed", exc_info=True)
             with self._lock:        # the session's constants may have held regions that others' runs left
+                self._drops += 1
                 for other in self._groups.values():
                     other.arena_kept = False
             if charge is not None:

@@ -289,6 +289,8 @@ def _run_stress(config: StressConfig, log: Callable[[str], None], progress: Prog
     config, sizing = resolve_sizes(config, gpu_monitor is not None, folder)
     if sizing:
         log(sizing)
+    if config.provider_options and gpu_monitor is None:
+        log(f"provider options {config.provider_options} unused: the CPU provider runs on a simulated device")
     start = time.perf_counter()
     gpu_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu_monitor is not None else None
     if config.zoo:
