@@ -293,6 +293,15 @@ class DeviceMemory(ABC):
         as the monitor reads it; on a simulated device, ``expected_bytes`` booked before ``fn``
         runs (so a full device fails as a GPU would)."""
 
+    def has_arena(self) -> bool:
+        """Whether this memory keeps runs' working memory in an arena of its own that
+        :meth:`shrink_arena` gives back (a simulated device's; on a GPU the runtime's arena is
+        shrunk through the runtime)."""
+        return False
+
+    def shrink_arena(self) -> None:
+        """Give back what :meth:`has_arena`'s arena holds free (see ``SimulatedDevice(arena_keeps=)``)."""
+
     def measure_release(self, fn: Callable[[], T]) -> Tuple[T, Optional[int]]:
         """Run ``fn`` (which makes a runtime give memory back: an arena shrunk) and return its
         result and the device bytes the process got back (the monitor's reading before less

@@ -12,7 +12,7 @@ import ctypes
 import itertools
 import threading
 import time
-from typing import Callable, Dict, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
 
@@ -50,7 +50,8 @@ class SimulatedDevice(DeviceMonitor):
 
     def __init__(self, total: Size = "16GiB", *, device: int = 0, name: str = "SimulatedDevice",
                  session_overhead: Size = 0, link_bytes_per_s: Optional[float] = None,
-                 run_overhead: Size = 0, thread_overhead: Size = 0, session_peak: Size = 0) -> None:
+                 run_overhead: Size = 0, thread_overhead: Size = 0, session_peak: Size = 0,
+                 arena_keeps: Optional[float] = None) -> None:
         self._total = parse_size(total, what="SimulatedDevice total")
         #: host->device bandwidth that :meth:`copy` takes time from (None: copies are free);
         #: concurrent copies share it equally, as copies over one PCIe link do
@@ -67,6 +68,13 @@ class SimulatedDevice(DeviceMonitor):
         #: device bytes a session's creation takes briefly beyond what it keeps (on a GPU its
         #: warm-up run's working memory and convolution-algorithm search)
         self.session_peak_bytes = parse_size(session_peak, what="session_peak")
+        if arena_keeps is not None and not 0.0 <= arena_keeps <= 1.0:
+            raise ValueError(f"arena_keeps={arena_keeps!r}; use a fraction from 0.0 to 1.0, or None")
+        #: None: a run's working memory goes back to the device when the run ends. A fraction: it
+        #: stays in an arena, as in ONNX Runtime's CUDA arena, for later runs, until the arena is
+        #: shrunk (``DeviceMemory.shrink_arena``), which gives back all but this share of what the
+        #: arena holds free (on a GPU, regions that other allocations hold)
+        self.arena_keeps = arena_keeps
         self.device = device
         self.name = name
         self._lock = threading.Lock()
@@ -194,6 +202,7 @@ class SimulatedMemory(DeviceMemory):
         super().__init__()
         self.device = device
         self.index = 0
+        self._arena = _Arena(device) if device.arena_keeps is not None else None
 
 
     def allocate(self, nbytes: int, owner: str = "") -> SimulatedBuffer:
@@ -259,5 +268,71 @@ class SimulatedMemory(DeviceMemory):
     def thread_overhead_bytes(self, nbytes: int) -> None:
         self.device.thread_overhead_bytes = nbytes
 
-    def _book_working(self, nbytes: int) -> SimulatedAllocation:
+    def _book_working(self, nbytes: int) -> Any:
+        if self._arena is not None:
+            return self._arena.take(nbytes)
         return self.device.allocate(nbytes, owner="working memory")
+
+    def has_arena(self) -> bool:
+        return self._arena is not None
+
+    def shrink_arena(self) -> None:
+        if self._arena is not None:
+            self._arena.shrink(self.device.arena_keeps or 0.0)
+
+    def measure_release(self, fn: Callable[[], T]) -> Tuple[T, Optional[int]]:
+        before = self.device.process_bytes() or 0
+        result = fn()
+        return result, max(0, before - (self.device.process_bytes() or 0))
+
+
+class _Arena:
+    """Working memory of runs kept after they end for later runs (SimulatedDevice(arena_keeps=)):
+    device bytes held as one booking, of which ``free`` bytes no run uses now."""
+
+    def __init__(self, device: SimulatedDevice) -> None:
+        self._device = device
+        self._lock = threading.Lock()
+        self._bookings: List[SimulatedAllocation] = []
+        self.held = 0
+        self.free = 0
+
+    def take(self, nbytes: int) -> "_ArenaBlock":
+        with self._lock:
+            grow = max(0, nbytes - self.free)
+            if grow:        # may raise DeviceOutOfMemoryError, as the arena's extension would
+                self._bookings.append(self._device.allocate(grow, owner="arena"))
+                self.held += grow
+                self.free += grow
+            self.free -= nbytes
+        return _ArenaBlock(self, nbytes)
+
+    def give(self, nbytes: int) -> None:
+        with self._lock:
+            self.free += nbytes
+
+    def shrink(self, keeps: float) -> None:
+        with self._lock:
+            release = int(self.free * (1.0 - keeps))
+            if not release:
+                return
+            for booking in self._bookings:
+                booking.free()
+            self.held -= release
+            self.free -= release
+            self._bookings = [self._device.allocate(self.held, owner="arena")] if self.held else []
+
+
+class _ArenaBlock:
+    """A run's working memory taken from the arena; :meth:`free` gives it back to the arena."""
+
+    __slots__ = ("_arena", "nbytes")
+
+    def __init__(self, arena: _Arena, nbytes: int) -> None:
+        self._arena: Optional[_Arena] = arena
+        self.nbytes = nbytes
+
+    def free(self) -> None:
+        arena, self._arena = self._arena, None
+        if arena is not None:
+            arena.give(self.nbytes)

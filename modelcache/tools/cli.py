@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     stress.add_argument("--max-swap-ins", type=int, help="modelcache: most swap-ins in flight (default: no limit)")
     stress.add_argument("--sim-link", type=float, help="simulated device: host->device GB/s (default: free copies)")
     stress.add_argument("--sim-session-overhead", default="0", help="simulated device: bytes a session costs")
+    stress.add_argument("--sim-run-overhead", default="0",
+                        help="simulated device: bytes a run takes (a stock session keeps them, as its arena does)")
+    stress.add_argument("--sim-arena-keeps", type=float,
+                        help="simulated device: runs' working memory stays in an arena until shrunk, which gives "
+                             "back all but this share of it (0-1; default: no arena)")
     stress.add_argument("--simulate", action="store_true", help="a simulated device even where a GPU is present")
     stress.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of ONNX Runtime's CUDA provider for every contender (repeatable)")
@@ -171,7 +176,8 @@ def _stress(args: argparse.Namespace) -> int:
                           baseline_requests=args.baseline_requests, naive_requests=args.naive_requests,
                           simulate=args.simulate, max_swap_ins=args.max_swap_ins,
                           link_bytes_per_s=args.sim_link * 1e9 if args.sim_link else None,
-                          session_overhead=args.sim_session_overhead,
+                          session_overhead=args.sim_session_overhead, run_overhead=args.sim_run_overhead,
+                          arena_keeps=args.sim_arena_keeps,
                           provider_options=_key_values(args.provider_option, "--provider-option", ("device_id",)),
                           device_total=args.device_total, models_dir=args.models_dir, seed=args.seed,
                           progress=not args.no_progress)

@@ -797,6 +797,37 @@ def test_a_shrink_stops_counting_only_what_the_device_got_back(tmp_path, monkeyp
         assert cache.stats()["device.accounted_bytes"] <= cache.device_budget_bytes
 
 
+def test_on_a_device_whose_arena_keeps_part_of_what_runs_left_the_books_cover_the_device(tmp_path):
+    """A simulated device with an arena that keeps runs' working memory until shrunk and gives
+    back half of it then (``arena_keeps=0.5``; on the H200 a shrink gave back 6 of 152 MiB): the
+    process's device bytes never exceed the books, before, during and after a reclaim (clearing
+    parked architectures' working memory whatever the shrink gave back, the books fell below)."""
+    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB", run_overhead="4MiB", arena_keeps=0.5)
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None, disk_dir=str(tmp_path / "disk")) as cache:
+        served = _two_architectures_served(cache, tmp_path)
+        _serve_checked(cache, served)        # runs after each thread's first (measured) one: from the arena
+        assert device.memory._arena.held > 0
+
+        def covered():
+            return device.process_bytes() <= cache.stats()["device.accounted_bytes"]
+        assert covered()
+        for name in served:
+            cache.evict(name)
+            assert covered()
+        backend = cache._entries["a"].backend
+        held = device.process_bytes()
+        assert backend.reclaimable_device_bytes() > 0
+        backend.reclaim_device_bytes()
+        assert device.process_bytes() < held            # the shrink gave some back
+        assert covered()
+        for name, (path, x, y) in served.items():       # runs take the arena's memory again
+            with cache.use(name) as m:
+                np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+                assert covered()
+        with pytest.raises(ValueError, match="arena_keeps=1.5"):
+            mc.SimulatedDevice("1GiB", arena_keeps=1.5)
+
+
 def test_a_reclaim_does_not_credit_parked_architectures_with_what_resident_ones_gave_back(tmp_path, monkeypatch):
     """The shrink also returns what runs of architectures still on the device left in the arena
     (they keep counting theirs): that share is not taken as a parked one's."""

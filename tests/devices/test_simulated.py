@@ -26,3 +26,30 @@ def test_simulated_link_is_shared_by_concurrent_copies():
         t.join()
     assert alone >= 0.05 and min(took) >= 0.095
     mc.SimulatedDevice(1000).copy(10**12)     # no link: free
+
+
+def test_an_arena_keeps_runs_working_memory_until_shrunk_and_then_gives_back_its_share():
+    from modelcache.devices.simulated import SimulatedDevice
+    MiB = 1 << 20
+    device = SimulatedDevice("64MiB", arena_keeps=0.25)
+    memory = device.memory
+    assert memory.has_arena()
+    memory.begin_working(8 * MiB, "a")
+    memory.begin_working(4 * MiB, "b")             # two runs at once: the arena grows to both
+    assert device.process_bytes() == 12 * MiB
+    memory.end_working("a")
+    memory.end_working("b")
+    assert device.process_bytes() == 12 * MiB      # kept for later runs
+    memory.begin_working(10 * MiB, "c")            # taken from what the arena holds: no growth
+    assert device.process_bytes() == 12 * MiB
+    memory.end_working("c")
+    _, released = memory.measure_release(memory.shrink_arena)
+    assert released == 9 * MiB and device.process_bytes() == 3 * MiB   # all but a quarter of the free 12
+    memory.begin_working(5 * MiB, "d")             # 3 free: grows by 2
+    assert device.process_bytes() == 5 * MiB
+    memory.end_working("d")
+    plain = SimulatedDevice("64MiB").memory
+    assert not plain.has_arena()
+    plain.begin_working(8 * MiB, "a")
+    plain.end_working("a")
+    assert plain.device.process_bytes() == 0 and plain.measure_release(plain.shrink_arena) == (None, 0)

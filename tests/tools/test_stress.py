@@ -165,6 +165,25 @@ def test_stress_on_architectures_keeps_the_device_and_the_books_within_the_budge
     assert c["peak_accounted_bytes"] <= report["budget_bytes"]
 
 
+def test_stress_with_runs_working_memory_in_an_arena_stays_within_the_budget(tmp_path):
+    """As above with runs' working memory charged (64 KiB a run) and kept in an arena that gives
+    back only 20 % of it when shrunk, as ONNX Runtime's CUDA arena did on the H200: the device
+    stays within the budget; the baseline pays for its runs too (its sessions keep them)."""
+    out_json = tmp_path / "r.json"
+    args = ["stress", "--families", "12", "--simulate", "--budget-of-weights", "0.45", "--threads", "8",
+            "--requests", "400", "--baselines", "lru-count", "--baseline-requests", "60", "--policies", "lru",
+            "--sim-session-overhead", "256KiB", "--sim-run-overhead", "64KiB", "--sim-arena-keeps", "0.8",
+            "--sim-link", "1", "--no-progress", "--models-dir", str(tmp_path / "models"), "--json", str(out_json)]
+    assert cli_main(args) == 0
+    report = json.loads(out_json.read_text())
+    assert report["config"]["arena_keeps"] == 0.8 and report["config"]["run_overhead"] == "64KiB"
+    c = report["contenders"]["modelcache-lru"]
+    assert c["wrong"] == c["oom"] == c["errors"] == 0 and c["requests"] == 400
+    assert c["peak_device_bytes"] <= report["budget_bytes"]
+    assert c["peak_accounted_bytes"] <= report["budget_bytes"]
+    assert report["contenders"]["lru-count"]["requests"] == 60
+
+
 def test_provider_options_reach_every_contender_and_the_report(tmp_path, monkeypatch, capsys):
     seen = {}
     real_register = mc.ModelCache.register

@@ -147,14 +147,16 @@ class _SessionContender(Contender):
         self._lock = threading.Lock()
 
     def _create(self, spec: ModelSpec) -> Tuple[Any, Any]:
-        """A stock session of ``spec``, charged on the device as modelcache's are: its weights and a
-        session's overhead (booked on a simulated device, whose link it crosses too)."""
+        """A stock session of ``spec``, charged on the device as modelcache's are: its weights, a
+        session's overhead and a run's working memory, which its own arena keeps while it exists
+        (booked on a simulated device, whose link it crosses too)."""
         memory = self.monitor.memory
         start = time.perf_counter()
         if self.monitor.simulated:
             self.monitor.copy(spec.nbytes)     # type: ignore[attr-defined]   # the weights cross the link
         session, charge = memory.measure(lambda: self.ort.InferenceSession(spec.path, providers=self.providers),
-                                         expected_bytes=spec.nbytes + memory.session_overhead_bytes,
+                                         expected_bytes=spec.nbytes + memory.session_overhead_bytes
+                                         + memory.run_overhead_bytes,
                                          owner=spec.name)
         with self._lock:
             self._loads += 1

@@ -68,6 +68,8 @@ class StressConfig:
     max_swap_ins: Optional[int] = None        #: modelcache's limit on swap-ins in flight (None: none)
     link_bytes_per_s: Optional[float] = None  #: simulated device: host->device bandwidth (None: free copies)
     session_overhead: Size = 0                #: simulated device: bytes a session costs besides weights
+    run_overhead: Size = 0                    #: simulated device: bytes a run takes while it runs
+    arena_keeps: Optional[float] = None       #: simulated device: runs' memory kept in an arena (SimulatedDevice)
     provider_options: Dict[str, str] = field(default_factory=dict)  #: ONNX Runtime's CUDA provider, every contender
     models_dir: Optional[str] = None
     seed: int = 0
@@ -337,6 +339,7 @@ def _run_stress(config: StressConfig, log: Callable[[str], None], progress: Prog
         if gpu_monitor is not None:
             return gpu_monitor
         return SimulatedDevice(device_total, name="simulated GPU", session_overhead=config.session_overhead,
+                               run_overhead=config.run_overhead, arena_keeps=config.arena_keeps,
                                link_bytes_per_s=config.link_bytes_per_s)
 
     def finished(res: Result) -> None:
