@@ -797,6 +797,63 @@ def test_a_shrink_stops_counting_only_what_the_device_got_back(tmp_path, monkeyp
         assert cache.stats()["device.accounted_bytes"] <= cache.device_budget_bytes
 
 
+def test_a_parked_sessions_bytes_stay_counted_while_its_carriers_swap_in_commits(tmp_path, monkeypatch):
+    """A parked model carrying its architecture's session swaps in: its reservation answers for the
+    weights, its entry for the session, also in the moment between the backend's move and the
+    cache's commit (the handle is on the device, the entry not yet): the session was counted
+    nowhere then, another swap-in got its room, and the CPU families stress's books went 4-5 %
+    over the budget under load."""
+    import threading
+    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB")
+    path, x, y = _mlp(tmp_path, 256, 1)
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
+        cache.register("a", path, weights_threshold=4096)
+        with cache.use("a") as m:
+            np.testing.assert_allclose(m.run(None, {"x": x})[0], y, rtol=RTOL, atol=ATOL)
+        resident = cache.stats()["device.accounted_bytes"]
+        cache.evict("a")
+        assert cache.stats()["device.parked_bytes"] == MiB
+        backend = cache._entries["a"].backend
+        inside, go = threading.Event(), threading.Event()
+        real = type(backend).to_device
+
+        def to_device(self, handle):
+            real(self, handle)          # the handle is on the device now; the cache commits next
+            inside.set()
+            go.wait(10)
+        monkeypatch.setattr(type(backend), "to_device", to_device)
+        def served():
+            with cache.use("a"):
+                pass
+        worker = threading.Thread(target=served)
+        worker.start()
+        assert inside.wait(10)
+        try:
+            assert cache.stats()["device.accounted_bytes"] == resident     # weights and the session
+        finally:
+            go.set()
+            worker.join(10)
+        assert cache.info("a").tier is mc.Tier.DEVICE and cache.stats()["device.accounted_bytes"] == resident
+        # and on the way down: the weights gone, the session it keeps still counted before the commit
+        inside.clear(), go.clear()
+        real_down = type(backend).to_host
+
+        def to_host(self, handle):
+            real_down(self, handle)
+            inside.set()
+            go.wait(10)
+        monkeypatch.setattr(type(backend), "to_host", to_host)
+        worker = threading.Thread(target=lambda: cache.evict("a"))
+        worker.start()
+        assert inside.wait(10)
+        try:
+            assert cache.stats()["device.accounted_bytes"] == MiB == device.process_bytes()
+        finally:
+            go.set()
+            worker.join(10)
+        assert cache.info("a").tier is mc.Tier.HOST and cache.stats()["device.accounted_bytes"] == MiB
+
+
 def test_on_a_device_whose_arena_keeps_part_of_what_runs_left_the_books_cover_the_device(tmp_path):
     """A simulated device with an arena that keeps runs' working memory until shrunk and gives
     back half of it then (``arena_keeps=0.5``; on the H200 a shrink gave back 6 of 152 MiB): the

@@ -79,7 +79,7 @@ def test_victim_bytes_count_towards_the_room_until_they_leave():
     b = add(ledger, "b", mc.Tier.HOST, 300, tick=1)
     room = ledger.reserve_room(b, 300, [a])
     assert ledger.accounted_bytes() == 400     # max(need 300, a's 400 still on the device)
-    a.tier, a.handle.device_bytes = mc.Tier.HOST, 0
+    a.tier, a.handle.tier, a.handle.device_bytes = mc.Tier.HOST, mc.Tier.HOST, 0
     assert ledger.accounted_bytes() == 300     # a has left: the room is what b needs
     ledger.release_room(room)
 
@@ -142,7 +142,7 @@ def test_a_reservation_answers_for_what_its_victims_keep_after_their_move():
     a.moving = object()                                          # its eviction runs
     assert ledger.accounted_bytes() == 100 + 500 + 200 == 800    # not 600: a's session stays
     assert ledger.choose_victims(350, exclude=None, free_bytes=2000) is None     # 200 left, b frees only 100
-    a.tier, a.handle.device_bytes, a.evicting_for, a.moving = mc.Tier.HOST, 0, None, None   # moved: parked
+    a.tier, a.handle.tier, a.handle.device_bytes, a.evicting_for, a.moving = mc.Tier.HOST, mc.Tier.HOST, 0, None, None   # moved: parked
     assert reservation.claim() == 500 and ledger.accounted_bytes() == 800
 
 
