@@ -26,7 +26,7 @@ class Entry:
     __slots__ = ("name", "loader", "backend_spec", "backend", "options", "pinned", "owner", "handle",
                  "tier", "moving", "moving_to", "evicting_for", "leases", "hits", "misses", "loads",
                  "uses", "tick", "last_used", "swap_in_seconds", "load_seconds", "last_error", "removed",
-                 "unpark_after", "move_started", "parked_at_plan")
+                 "unpark_after", "move_started", "planned_need")
 
     def __init__(self, name: str, loader: Any, backend_spec: Any, options: Dict[str, Any],
                  pinned: bool, owner: Any) -> None:
@@ -50,7 +50,7 @@ class Entry:
         self.removed = False
         self.unpark_after = False    # a victim whose kept device bytes go too (planner's choice)
         self.move_started = 0.0      # perf_counter() when the move in flight began
-        self.parked_at_plan = 0      # its parked bytes when its swap-in in flight was planned
+        self.planned_need = 0        # the need its swap-in in flight was given room for
 
     @property
     def device_bytes(self) -> int:
@@ -73,11 +73,11 @@ class Entry:
         if handle is None or self.tier is Tier.DEVICE:
             return 0
         if handle.tier is Tier.DEVICE:
-            # its swap-in is past the backend, not yet committed: what it kept parked when the
-            # swap-in was planned (a shared session it carries) stays counted here, its
-            # reservation answers for the rest (found by the CPU families stress: the session went
-            # uncounted meanwhile, another swap-in was given its room, the books went 4-5 % over)
-            return self.parked_at_plan
+            # its swap-in is past the backend, not yet committed: its reservation answers for the
+            # need it was planned with, this for what it holds beyond (the shared session it
+            # carried parked, or came to carry meanwhile; found by the CPU families stress: the
+            # session went uncounted, another swap-in got its room, the books went 4-5 % over)
+            return max(0, handle.device_bytes - self.planned_need)
         return handle.parked_device_bytes()
 
     def shared_device(self) -> Optional[Tuple[Any, int]]:
@@ -204,7 +204,7 @@ class Ledger:
 
     # reservations --------------------------------------------------------------------------
     def reserve_room(self, entry: Entry, need: int, victims: List[Entry]) -> Reservation:
-        entry.parked_at_plan = entry.parked_bytes       # the part of its figure ``need`` leaves out
+        entry.planned_need = need
         reservation = Reservation(entry, need, victims)
         for victim in victims:
             victim.evicting_for = reservation
@@ -213,7 +213,7 @@ class Ledger:
 
     def release_room(self, reservation: Reservation) -> None:
         self.reservations.remove(reservation)
-        reservation.entry.parked_at_plan = 0
+        reservation.entry.planned_need = 0
 
     # the queue for room -------------------------------------------------------------------
     def first_in_line(self, ticket: Optional[object]) -> bool:

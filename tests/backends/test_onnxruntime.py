@@ -854,6 +854,45 @@ def test_a_parked_sessions_bytes_stay_counted_while_its_carriers_swap_in_commits
         assert cache.info("a").tier is mc.Tier.HOST and cache.stats()["device.accounted_bytes"] == MiB
 
 
+def test_a_swap_in_that_comes_to_carry_the_session_meanwhile_is_counted_with_it(tmp_path, monkeypatch):
+    """b swaps in to join the session a carries (b's room: its weights); before the cache commits
+    b, a leaves for the disk and b becomes the session's carrier: the books count the session with
+    b from then on, not nowhere."""
+    import threading
+    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB")
+    models = {"a": _mlp(tmp_path, 256, 1), "b": _mlp(tmp_path, 256, 2)}      # one architecture
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None, disk_dir=str(tmp_path / "disk")) as cache:
+        for name, (path, _, _) in models.items():
+            cache.register(name, path, weights_threshold=4096)
+        _serve_checked(cache, models)
+        cache.evict("b")
+        assert cache._entries["a"].handle.group.members[0] is cache._entries["a"].handle
+        backend = cache._entries["b"].backend
+        inside, go = threading.Event(), threading.Event()
+        real = type(backend).to_device
+
+        def to_device(self, handle):
+            real(self, handle)
+            inside.set()
+            go.wait(10)
+        monkeypatch.setattr(type(backend), "to_device", to_device)
+
+        def served():
+            with cache.use("b"):
+                pass
+        worker = threading.Thread(target=served)
+        worker.start()
+        assert inside.wait(10)
+        try:
+            cache.evict("a", tier=mc.Tier.DISK)      # b carries the session now
+            assert cache._entries["b"].handle.group.members[0] is cache._entries["b"].handle
+            assert cache.stats()["device.accounted_bytes"] >= device.process_bytes()
+        finally:
+            go.set()
+            worker.join(10)
+        assert cache.stats()["device.accounted_bytes"] == device.process_bytes()
+
+
 def test_on_a_device_whose_arena_keeps_part_of_what_runs_left_the_books_cover_the_device(tmp_path):
     """A simulated device with an arena that keeps runs' working memory until shrunk and gives
     back half of it then (``arena_keeps=0.5``; on the H200 a shrink gave back 6 of 152 MiB): the
