@@ -26,7 +26,7 @@ class Entry:
     __slots__ = ("name", "loader", "backend_spec", "backend", "options", "pinned", "owner", "handle",
                  "tier", "moving", "moving_to", "evicting_for", "leases", "hits", "misses", "loads",
                  "uses", "tick", "last_used", "swap_in_seconds", "load_seconds", "last_error", "removed",
-                 "unpark_after", "move_started", "planned_need")
+                 "unpark_after", "move_started", "planned")
 
     def __init__(self, name: str, loader: Any, backend_spec: Any, options: Dict[str, Any],
                  pinned: bool, owner: Any) -> None:
@@ -50,7 +50,8 @@ class Entry:
         self.removed = False
         self.unpark_after = False    # a victim whose kept device bytes go too (planner's choice)
         self.move_started = 0.0      # perf_counter() when the move in flight began
-        self.planned_need = 0        # the need its swap-in in flight was given room for
+        #: (need, parked bytes) when its swap-in in flight was given room (None: none in flight)
+        self.planned: Optional[Tuple[int, int]] = None
 
     @property
     def device_bytes(self) -> int:
@@ -72,13 +73,16 @@ class Entry:
         handle = self.handle
         if handle is None or self.tier is Tier.DEVICE:
             return 0
-        if handle.tier is Tier.DEVICE:
-            # its swap-in is past the backend, not yet committed: its reservation answers for the
-            # need it was planned with, this for what it holds beyond (the shared session it
-            # carried parked, or came to carry meanwhile; found by the CPU families stress: the
-            # session went uncounted, another swap-in got its room, the books went 4-5 % over)
-            return max(0, handle.device_bytes - self.planned_need)
-        return handle.parked_device_bytes()
+        # past the backend's move, not yet committed: on the device already
+        held = handle.device_bytes if handle.tier is Tier.DEVICE else handle.parked_device_bytes()
+        if self.planned is None:
+            return held
+        # a swap-in in flight: its reservation answers for the need it was given room for, this
+        # for what it kept parked then or holds beyond that need now (a session it came to carry,
+        # made, or carried parked: counted nowhere, or twice, as its handle changed under the
+        # cache's books, the CPU families stress's books went 4-5 % over the budget under load)
+        need, parked = self.planned
+        return max(parked, held - need)
 
     def shared_device(self) -> Optional[Tuple[Any, int]]:
         """``(key, bytes)`` of device memory kept for fast swap-ins and shared with the models of
@@ -204,7 +208,7 @@ class Ledger:
 
     # reservations --------------------------------------------------------------------------
     def reserve_room(self, entry: Entry, need: int, victims: List[Entry]) -> Reservation:
-        entry.planned_need = need
+        entry.planned = (need, entry.parked_bytes)
         reservation = Reservation(entry, need, victims)
         for victim in victims:
             victim.evicting_for = reservation
@@ -213,7 +217,7 @@ class Ledger:
 
     def release_room(self, reservation: Reservation) -> None:
         self.reservations.remove(reservation)
-        reservation.entry.planned_need = 0
+        reservation.entry.planned = None
 
     # the queue for room -------------------------------------------------------------------
     def first_in_line(self, ticket: Optional[object]) -> bool:

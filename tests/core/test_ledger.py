@@ -168,3 +168,22 @@ def test_a_swap_in_whose_session_is_being_dropped_for_another_waits():
     parked.moving_to = mc.Tier.HOST                  # evicted, not unparked: the session stays
     parked.tier = mc.Tier.DEVICE
     assert not ledger.shared_leaving(other)
+
+
+def test_a_swap_in_in_flight_is_counted_once_whatever_its_handle_holds_meanwhile():
+    """The backend's move changes the handle under the books (a session made, or carried, and the
+    handle's tier set) before the cache commits: the entry and its reservation together count
+    what it held when planned plus its need, or what it holds now if that is more, never both."""
+    ledger = make_ledger(budget=1000)
+    new = add(ledger, "new", mc.Tier.HOST, 300, tick=0)
+    ledger.reserve_room(new, 500, [])            # weights 300 and a session estimated at 200
+    assert ledger.accounted_bytes() == 500
+    new.handle.kept = 220                        # its session made (220 B), the handle still on the host
+    assert ledger.accounted_bytes() == 500       # not 720: the reservation answers for it
+    new.handle.tier, new.handle.device_bytes = mc.Tier.DEVICE, 520     # past the backend's move
+    assert ledger.accounted_bytes() == 520       # what it holds, not less
+    parked = add(ledger, "parked", mc.Tier.HOST, 300, tick=1, kept=200)   # carries its session parked
+    ledger.reserve_room(parked, 300, [])         # the weights: the session is counted already
+    assert ledger.accounted_bytes() == 520 + 200 + 300
+    parked.handle.tier, parked.handle.device_bytes = mc.Tier.DEVICE, 500
+    assert ledger.accounted_bytes() == 520 + 500    # not 520 + 300: the session stays counted
