@@ -50,8 +50,9 @@ class Entry:
         self.removed = False
         self.unpark_after = False    # a victim whose kept device bytes go too (planner's choice)
         self.move_started = 0.0      # perf_counter() when the move in flight began
-        #: (need, parked bytes) when its swap-in in flight was given room (None: none in flight)
-        self.planned: Optional[Tuple[int, int]] = None
+        #: (need, the part of it beyond the model's own weights, parked bytes) when its swap-in in
+        #: flight was given room (None: none in flight); see :attr:`parked_bytes`
+        self.planned: Optional[Tuple[int, int, int]] = None
 
     @property
     def device_bytes(self) -> int:
@@ -69,20 +70,22 @@ class Entry:
 
     @property
     def parked_bytes(self) -> int:
-        """Device bytes held while off the device tier."""
+        """Device bytes held while off the device tier. During a swap-in (its reservation answers
+        for the need it was given room for) the backend changes the handle before the cache
+        commits the move: a session is made, or comes to be carried, and the handle's tier is
+        set. Meanwhile this counts what the model kept parked when planned, or what its handle
+        holds beyond the need's share for it, whichever is more: on the host the share beyond
+        the weights (a session's), on the device the whole need (counted nowhere, or twice, the
+        CPU families stress's books went 4-5 % over the budget under load)."""
         handle = self.handle
         if handle is None or self.tier is Tier.DEVICE:
             return 0
-        # past the backend's move, not yet committed: on the device already
-        held = handle.device_bytes if handle.tier is Tier.DEVICE else handle.parked_device_bytes()
+        on_device = handle.tier is Tier.DEVICE      # past the backend's move, not yet committed
+        held = handle.device_bytes if on_device else handle.parked_device_bytes()
         if self.planned is None:
             return held
-        # a swap-in in flight: its reservation answers for the need it was given room for, this
-        # for what it kept parked then or holds beyond that need now (a session it came to carry,
-        # made, or carried parked: counted nowhere, or twice, as its handle changed under the
-        # cache's books, the CPU families stress's books went 4-5 % over the budget under load)
-        need, parked = self.planned
-        return max(parked, held - need)
+        need, shared_need, parked = self.planned
+        return max(parked, held - (need if on_device else shared_need))
 
     def shared_device(self) -> Optional[Tuple[Any, int]]:
         """``(key, bytes)`` of device memory kept for fast swap-ins and shared with the models of
@@ -97,7 +100,8 @@ class Entry:
         return self.device_bytes - (self.handle.kept_after_eviction() if self.handle is not None else 0)
 
     def need(self) -> Optional[int]:
-        """Device bytes this model will add when it moves to the device, if known."""
+        """Device bytes this model will add when it moves to the device, if known (asked when
+        a swap-in is planned: not meaningful while one is in flight, see :attr:`parked_bytes`)."""
         if self.handle is not None:
             return max(0, self.handle.estimated_device_bytes() - self.parked_bytes)
         return self.options.get("size_hint")
@@ -208,7 +212,8 @@ class Ledger:
 
     # reservations --------------------------------------------------------------------------
     def reserve_room(self, entry: Entry, need: int, victims: List[Entry]) -> Reservation:
-        entry.planned = (need, entry.parked_bytes)
+        weights = entry.handle.firm_device_bytes() if entry.handle is not None else need
+        entry.planned = (need, max(0, need - weights), entry.parked_bytes)
         reservation = Reservation(entry, need, victims)
         for victim in victims:
             victim.evicting_for = reservation

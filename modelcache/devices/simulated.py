@@ -35,6 +35,11 @@ class SimulatedAllocation:
     def free(self) -> None:
         self._device._free(self._token)
 
+    def shrink(self, nbytes: int) -> None:
+        """Give back all but ``nbytes`` of the block, in place (no moment without it)."""
+        self._device._shrink(self._token, nbytes)
+        self.nbytes = min(self.nbytes, nbytes)
+
     def __repr__(self) -> str:
         return f"SimulatedAllocation({self.nbytes} B, owner={self.owner!r})"
 
@@ -157,6 +162,17 @@ class SimulatedDevice(DeviceMonitor):
             self._used -= nbytes
             if not external:
                 self._process -= nbytes
+
+    def _shrink(self, token: int, nbytes: int) -> None:
+        with self._lock:
+            block = self._blocks.get(token)
+            if block is None or nbytes >= block[0]:
+                return
+            held, external, owner = block
+            self._blocks[token] = (max(0, nbytes), external, owner)
+            self._used -= held - max(0, nbytes)
+            if not external:
+                self._process -= held - max(0, nbytes)
 
     def allocations(self) -> Dict[str, int]:
         """Bytes held per owner."""
@@ -314,13 +330,18 @@ class _Arena:
     def shrink(self, keeps: float) -> None:
         with self._lock:
             release = int(self.free * (1.0 - keeps))
-            if not release:
-                return
-            for booking in self._bookings:
-                booking.free()
             self.held -= release
             self.free -= release
-            self._bookings = [self._device.allocate(self.held, owner="arena")] if self.held else []
+            kept = []
+            for booking in self._bookings:     # each given back in place: none of it is ever unbooked
+                take = min(release, booking.nbytes)
+                release -= take
+                if take == booking.nbytes:
+                    booking.free()
+                else:
+                    booking.shrink(booking.nbytes - take)
+                    kept.append(booking)
+            self._bookings = kept
 
 
 class _ArenaBlock:

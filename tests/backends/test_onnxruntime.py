@@ -893,6 +893,43 @@ def test_a_swap_in_that_comes_to_carry_the_session_meanwhile_is_counted_with_it(
         assert cache.stats()["device.accounted_bytes"] == device.process_bytes()
 
 
+def test_a_swap_in_that_comes_to_carry_the_session_while_copying_is_counted_with_it(tmp_path, monkeypatch):
+    """As above, the carrier leaving while b's weights are still being copied (b's handle on the
+    host): the session counts with b from then on."""
+    import threading
+    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB")
+    models = {"a": _mlp(tmp_path, 256, 1), "b": _mlp(tmp_path, 256, 2)}
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None, disk_dir=str(tmp_path / "disk")) as cache:
+        for name, (path, _, _) in models.items():
+            cache.register(name, path, weights_threshold=4096)
+        _serve_checked(cache, models)
+        cache.evict("b")
+        memory = cache._entries["b"].backend.memory
+        inside, go = threading.Event(), threading.Event()
+        real = memory.copy_to_device
+
+        def copy_to_device(dst, src, nbytes):
+            inside.set()
+            go.wait(10)
+            real(dst, src, nbytes)
+        monkeypatch.setattr(memory, "copy_to_device", copy_to_device)
+
+        def served():
+            with cache.use("b"):
+                pass
+        worker = threading.Thread(target=served)
+        worker.start()
+        assert inside.wait(10)
+        try:
+            cache.evict("a", tier=mc.Tier.DISK)
+            assert cache._entries["b"].handle.group.members[0] is cache._entries["b"].handle
+            assert cache.stats()["device.accounted_bytes"] >= device.process_bytes()
+        finally:
+            go.set()
+            worker.join(10)
+        assert cache.stats()["device.accounted_bytes"] == device.process_bytes()
+
+
 def test_on_a_device_whose_arena_keeps_part_of_what_runs_left_the_books_cover_the_device(tmp_path):
     """A simulated device with an arena that keeps runs' working memory until shrunk and gives
     back half of it then (``arena_keeps=0.5``; on the H200 a shrink gave back 6 of 152 MiB): the

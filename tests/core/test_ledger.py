@@ -178,8 +178,10 @@ def test_a_swap_in_in_flight_is_counted_once_whatever_its_handle_holds_meanwhile
     new = add(ledger, "new", mc.Tier.HOST, 300, tick=0)
     ledger.reserve_room(new, 500, [])            # weights 300 and a session estimated at 200
     assert ledger.accounted_bytes() == 500
-    new.handle.kept = 220                        # its session made (220 B), the handle still on the host
-    assert ledger.accounted_bytes() == 500       # not 720: the reservation answers for it
+    new.handle.kept = 180                        # its session made (180 B), the handle still on the host
+    assert ledger.accounted_bytes() == 500       # not 680: the reservation answers for it
+    new.handle.kept = 220                        # more than the estimate: the excess counts too
+    assert ledger.accounted_bytes() == 520
     new.handle.tier, new.handle.device_bytes = mc.Tier.DEVICE, 520     # past the backend's move
     assert ledger.accounted_bytes() == 520       # what it holds, not less
     parked = add(ledger, "parked", mc.Tier.HOST, 300, tick=1, kept=200)   # carries its session parked

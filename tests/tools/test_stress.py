@@ -147,6 +147,19 @@ def test_baselines_free_their_device_memory_when_closed(tmp_path):
         assert device.process_bytes() == 0
 
 
+def test_baselines_pay_for_their_runs_working_memory_on_a_simulated_device(tmp_path):
+    """A stock session keeps its runs' working memory in its own arena while it exists: a
+    simulated device charges a baseline's session for it, as modelcache's runs are."""
+    specs = stress.generate_models(str(tmp_path / "m"), 2, 64 * 1024, 128 * 1024, layers=2)
+    for make in (lambda d: stress.LruCountContender(2, d), stress.NaiveContender):
+        device = mc.SimulatedDevice("64MiB", session_overhead="8KiB", run_overhead="32KiB")
+        contender = make(device)
+        contender.serve(specs[0])
+        assert device.process_bytes() == specs[0].nbytes + 8 * 1024 + 32 * 1024
+        contender.close()
+        assert device.process_bytes() == 0
+
+
 def test_stress_on_architectures_keeps_the_device_and_the_books_within_the_budget(tmp_path):
     """Six architectures whose sessions take a third of the budget (the simulated device charges
     them), 8 threads: neither the device nor the cache's books ever exceed the budget (before the

@@ -272,9 +272,10 @@ class Sessions:
         what runs allocated (their working memory) until it is shrunk, so an architecture counts
         it until then (``SessionGroup.kept_bytes``); the cache has it shrunk before it evicts for
         room (``WeightsMode.reclaim``) and a session's going shrinks it. Runs on a thread of its
-        own (ONNX Runtime keeps state for each thread that runs a session); nothing without a
-        shared arena. Returns the device bytes the process got back meanwhile
-        (``DeviceMemory.measure_release``; None: no shared arena, or no reading)."""
+        own (ONNX Runtime keeps state for each thread that runs a session); on a simulated device
+        with an arena (``SimulatedDevice(arena_keeps=)``) that arena instead; nothing without
+        either. Returns the device bytes the process got back meanwhile
+        (``DeviceMemory.measure_release``; None: no arena, or no reading)."""
         with self._lock:
             if self._shrinker is None:
                 runner = self.memory.new_runner("ort-arena")
