@@ -4,7 +4,7 @@ import time
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import modelcache as mc
 
@@ -52,10 +52,15 @@ class CacheMachine(RuleBasedStateMachine):
         self.leases.append(lease)
         self._settle()
 
-    @precondition(lambda self: self.leases)
-    @rule(data=st.data())
-    def release(self, data):
-        lease = self.leases.pop(data.draw(st.integers(0, len(self.leases) - 1)))
+    # No preconditions on, and no draws sized by, what earlier rules got. Whether a lease with
+    # timeout=0 found its model moved in yet, or another process's take found room, depends on
+    # timing, and Hypothesis requires the same choices to draw the same way (under CPU load it
+    # stopped with FlakyStrategyDefinition)
+    @rule(k=st.integers(0, 1000))
+    def release(self, k):
+        if not self.leases:
+            return
+        lease = self.leases.pop(k % len(self.leases))
         lease.release()
 
     @rule(name=st.sampled_from(NAMES), tier=st.sampled_from([mc.Tier.HOST, mc.Tier.DISK, mc.Tier.UNLOADED]))
@@ -86,10 +91,10 @@ class CacheMachine(RuleBasedStateMachine):
             pass
         self.cache.check_pressure()
 
-    @precondition(lambda self: self.other)
     @rule()
     def other_process_frees(self):
-        self.other.pop().free()
+        if self.other:
+            self.other.pop().free()
 
     @rule(name=st.sampled_from(NAMES))
     def unregister_and_register(self, name):
