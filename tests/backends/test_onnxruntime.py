@@ -1,3 +1,4 @@
+import contextlib
 import os
 import threading
 
@@ -797,13 +798,45 @@ def test_a_shrink_stops_counting_only_what_the_device_got_back(tmp_path, monkeyp
         assert cache.stats()["device.accounted_bytes"] <= cache.device_budget_bytes
 
 
+@contextlib.contextmanager
+def _paused_in(monkeypatch, owner, name, action, before=False):
+    """Run ``action`` on a thread of its own, held inside ``owner.<name>`` (after the real call,
+    or before it with ``before``): the block runs while it is held there."""
+    inside, go = threading.Event(), threading.Event()
+    real = getattr(owner, name)
+
+    def held(*args):
+        if before:
+            inside.set()
+            go.wait(10)
+        result = real(*args)
+        if not before:
+            inside.set()
+            go.wait(10)
+        return result
+    monkeypatch.setattr(owner, name, held)
+    worker = threading.Thread(target=action)
+    worker.start()
+    assert inside.wait(10)
+    try:
+        yield
+    finally:
+        go.set()
+        worker.join(10)
+        monkeypatch.setattr(owner, name, real)
+
+
+def _served(cache, name):
+    with cache.use(name):
+        pass
+
+
 def test_a_parked_sessions_bytes_stay_counted_while_its_carriers_swap_in_commits(tmp_path, monkeypatch):
     """A parked model carrying its architecture's session swaps in: its reservation answers for the
     weights, its entry for the session, also in the moment between the backend's move and the
     cache's commit (the handle is on the device, the entry not yet): the session was counted
     nowhere then, another swap-in got its room, and the CPU families stress's books went 4-5 %
     over the budget under load."""
-    import threading
     device = mc.SimulatedDevice("64MiB", session_overhead="1MiB")
     path, x, y = _mlp(tmp_path, 256, 1)
     with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
@@ -813,52 +846,22 @@ def test_a_parked_sessions_bytes_stay_counted_while_its_carriers_swap_in_commits
         resident = cache.stats()["device.accounted_bytes"]
         cache.evict("a")
         assert cache.stats()["device.parked_bytes"] == MiB
-        backend = cache._entries["a"].backend
-        inside, go = threading.Event(), threading.Event()
-        real = type(backend).to_device
-
-        def to_device(self, handle):
-            real(self, handle)          # the handle is on the device now; the cache commits next
-            inside.set()
-            go.wait(10)
-        monkeypatch.setattr(type(backend), "to_device", to_device)
-        def served():
-            with cache.use("a"):
-                pass
-        worker = threading.Thread(target=served)
-        worker.start()
-        assert inside.wait(10)
-        try:
+        backend = type(cache._entries["a"].backend)
+        with _paused_in(monkeypatch, backend, "to_device", lambda: _served(cache, "a")):
             assert cache.stats()["device.accounted_bytes"] == resident     # weights and the session
-        finally:
-            go.set()
-            worker.join(10)
         assert cache.info("a").tier is mc.Tier.DEVICE and cache.stats()["device.accounted_bytes"] == resident
         # and on the way down: the weights gone, the session it keeps still counted before the commit
-        inside.clear(), go.clear()
-        real_down = type(backend).to_host
-
-        def to_host(self, handle):
-            real_down(self, handle)
-            inside.set()
-            go.wait(10)
-        monkeypatch.setattr(type(backend), "to_host", to_host)
-        worker = threading.Thread(target=lambda: cache.evict("a"))
-        worker.start()
-        assert inside.wait(10)
-        try:
+        with _paused_in(monkeypatch, backend, "to_host", lambda: cache.evict("a")):
             assert cache.stats()["device.accounted_bytes"] == MiB == device.process_bytes()
-        finally:
-            go.set()
-            worker.join(10)
         assert cache.info("a").tier is mc.Tier.HOST and cache.stats()["device.accounted_bytes"] == MiB
 
 
-def test_a_swap_in_that_comes_to_carry_the_session_meanwhile_is_counted_with_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("held_in", ["the backend's move done", "the weights' copy"])
+def test_a_swap_in_that_comes_to_carry_the_session_meanwhile_is_counted_with_it(tmp_path, monkeypatch, held_in):
     """b swaps in to join the session a carries (b's room: its weights); before the cache commits
-    b, a leaves for the disk and b becomes the session's carrier: the books count the session with
-    b from then on, not nowhere."""
-    import threading
+    b (its handle on the device already, or its weights still being copied), a leaves for the
+    disk and b becomes the session's carrier: the books count the session with b from then on,
+    not nowhere."""
     device = mc.SimulatedDevice("64MiB", session_overhead="1MiB")
     models = {"a": _mlp(tmp_path, 256, 1), "b": _mlp(tmp_path, 256, 2)}      # one architecture
     with mc.ModelCache(monitor=device, reserve=0, watch_interval=None, disk_dir=str(tmp_path / "disk")) as cache:
@@ -868,65 +871,12 @@ def test_a_swap_in_that_comes_to_carry_the_session_meanwhile_is_counted_with_it(
         cache.evict("b")
         assert cache._entries["a"].handle.group.members[0] is cache._entries["a"].handle
         backend = cache._entries["b"].backend
-        inside, go = threading.Event(), threading.Event()
-        real = type(backend).to_device
-
-        def to_device(self, handle):
-            real(self, handle)
-            inside.set()
-            go.wait(10)
-        monkeypatch.setattr(type(backend), "to_device", to_device)
-
-        def served():
-            with cache.use("b"):
-                pass
-        worker = threading.Thread(target=served)
-        worker.start()
-        assert inside.wait(10)
-        try:
+        owner, name, before = ((type(backend), "to_device", False) if held_in == "the backend's move done"
+                               else (backend.memory, "copy_to_device", True))
+        with _paused_in(monkeypatch, owner, name, lambda: _served(cache, "b"), before=before):
             cache.evict("a", tier=mc.Tier.DISK)      # b carries the session now
             assert cache._entries["b"].handle.group.members[0] is cache._entries["b"].handle
             assert cache.stats()["device.accounted_bytes"] >= device.process_bytes()
-        finally:
-            go.set()
-            worker.join(10)
-        assert cache.stats()["device.accounted_bytes"] == device.process_bytes()
-
-
-def test_a_swap_in_that_comes_to_carry_the_session_while_copying_is_counted_with_it(tmp_path, monkeypatch):
-    """As above, the carrier leaving while b's weights are still being copied (b's handle on the
-    host): the session counts with b from then on."""
-    import threading
-    device = mc.SimulatedDevice("64MiB", session_overhead="1MiB")
-    models = {"a": _mlp(tmp_path, 256, 1), "b": _mlp(tmp_path, 256, 2)}
-    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None, disk_dir=str(tmp_path / "disk")) as cache:
-        for name, (path, _, _) in models.items():
-            cache.register(name, path, weights_threshold=4096)
-        _serve_checked(cache, models)
-        cache.evict("b")
-        memory = cache._entries["b"].backend.memory
-        inside, go = threading.Event(), threading.Event()
-        real = memory.copy_to_device
-
-        def copy_to_device(dst, src, nbytes):
-            inside.set()
-            go.wait(10)
-            real(dst, src, nbytes)
-        monkeypatch.setattr(memory, "copy_to_device", copy_to_device)
-
-        def served():
-            with cache.use("b"):
-                pass
-        worker = threading.Thread(target=served)
-        worker.start()
-        assert inside.wait(10)
-        try:
-            cache.evict("a", tier=mc.Tier.DISK)
-            assert cache._entries["b"].handle.group.members[0] is cache._entries["b"].handle
-            assert cache.stats()["device.accounted_bytes"] >= device.process_bytes()
-        finally:
-            go.set()
-            worker.join(10)
         assert cache.stats()["device.accounted_bytes"] == device.process_bytes()
 
 
