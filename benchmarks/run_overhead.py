@@ -38,18 +38,24 @@ def build(path: str) -> None:
     onnx.save(model, path)
 
 
+def tiny_cache(folder: str, gpu: bool):
+    """A cache on the GPU (or a simulated device) with the short model registered as "m", and its
+    input: what this benchmark and ``run_pieces.py`` time."""
+    path = os.path.join(folder, "tiny.onnx")
+    build(path)
+    cache = mc.ModelCache(device=0 if gpu else None, monitor=None if gpu else mc.SimulatedDevice("32GiB"),
+                          device_budget="30GiB", reserve=0, watch_interval=None)
+    cache.register("m", path, backend="onnxruntime", session_options={"intra_op_num_threads": 1})
+    return cache, {"x": np.random.default_rng(1).random((1, 512)).astype(np.float32)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5000)
     p.add_argument("--gpu", action="store_true")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "tiny.onnx")
-        build(path)
-        cache = mc.ModelCache(device=0 if a.gpu else None, monitor=None if a.gpu else mc.SimulatedDevice("32GiB"),
-                              device_budget="30GiB", reserve=0, watch_interval=None)
-        cache.register("m", path, backend="onnxruntime", session_options={"intra_op_num_threads": 1})
-        feed = {"x": np.random.default_rng(1).random((1, 512)).astype(np.float32)}
+        cache, feed = tiny_cache(folder, a.gpu)
         with cache.use("m") as held:
             held.run(None, feed)
             print(f"mode {cache.info('m').details['mode']}, {len(held._weights)} weights")

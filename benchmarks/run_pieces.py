@@ -16,11 +16,9 @@ import sys
 import tempfile
 import timeit
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import modelcache as mc  # noqa: E402
 import run_overhead  # noqa: E402
 
 
@@ -32,12 +30,7 @@ def main() -> int:
     a = p.parse_args()
     figures = {}
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "tiny.onnx")
-        run_overhead.build(path)
-        cache = mc.ModelCache(device=0 if a.gpu else None, monitor=None if a.gpu else mc.SimulatedDevice("32GiB"),
-                              device_budget="30GiB", reserve=0, watch_interval=None)
-        cache.register("m", path, backend="onnxruntime", session_options={"intra_op_num_threads": 1})
-        feed = {"x": np.random.default_rng(1).random((1, 512)).astype(np.float32)}
+        cache, feed = run_overhead.tiny_cache(folder, a.gpu)
         with cache.use("m") as held:
             held.run(None, feed)
             outs = [o.name for o in held.get_outputs()]
