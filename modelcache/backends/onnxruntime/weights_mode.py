@@ -232,12 +232,19 @@ class WeightsMode(Mode):
     def _retained(self) -> List[SessionGroup]:
         """Groups whose runs' working memory the arena may keep (counted whether or not it does)."""
         with self._lock:
-            groups = list(self._groups.values())
-        return [g for g in groups if g.retained and g.session is not None]
+            return self._retained_locked()
+
+    def _retained_locked(self) -> List[SessionGroup]:
+        return [g for g in self._groups.values() if g.retained and g.session is not None]
+
+    @staticmethod
+    def _asked(group: SessionGroup) -> bool:
+        """Of those, one whose working memory a shrink is asked for: no member on the device, and
+        no shrink has left it since it last ran."""
+        return not group.resident() and not group.arena_kept
 
     def _reclaimable(self) -> List[SessionGroup]:
-        """Of those, the groups with no member on the device, unless a shrink left theirs."""
-        return [g for g in self._retained() if not g.resident() and not g.arena_kept]
+        return [g for g in self._retained() if self._asked(g)]
 
     def soft_bytes(self) -> int:
         """See ``Backend.soft_device_bytes``: not what a shrink has just shown the arena keeps."""
@@ -257,8 +264,8 @@ class WeightsMode(Mode):
         seen (no reading, no shared arena) clears every one, as the device cannot tell."""
         for attempt in range(RECLAIM_ATTEMPTS):
             with self._lock:
-                live = [g for g in self._groups.values() if g.retained and g.session is not None]
-                parked = [(g, g.joins) for g in live if not g.resident() and not g.arena_kept]
+                live = self._retained_locked()
+                parked = [(g, g.joins) for g in live if self._asked(g)]
                 resident = sum(g.runs_working_bytes() for g in live if g.resident())
                 drops = self._drops
             if not parked:
