@@ -159,8 +159,8 @@ def test_max_swap_ins_bounds_concurrent_swap_ins(limit):
     """With ``max_swap_ins``, no more swap-ins than that run at once (the others wait for a
     slot); without it, all of them overlap. Every request is still served."""
     from modelcache.backends.python import PythonBackend
-    state = {"now": 0, "peak": 0}
-    lock = threading.Lock()
+    state = {"now": 0, "peak": 0, "expected": 0}
+    lock = threading.Condition()
 
     class Counting(PythonBackend):
         name = "counting"
@@ -169,13 +169,17 @@ def test_max_swap_ins_bounds_concurrent_swap_ins(limit):
             with lock:
                 state["now"] += 1
                 state["peak"] = max(state["peak"], state["now"])
+                lock.notify_all()
+                # as many as may overlap meet here (threads start late on a busy machine), then stay
+                # a while: a swap-in past the limit would show meanwhile
+                lock.wait_for(lambda: state["now"] >= state["expected"], timeout=2.0)
             time.sleep(0.05)
             with lock:
                 state["now"] -= 1
             super()._to_device_impl(handle)
 
     def run(max_swap_ins):
-        state.update(now=0, peak=0)
+        state.update(now=0, peak=0, expected=max_swap_ins or 6)
         with mc.ModelCache(monitor=mc.SimulatedDevice(10_000), device_budget=1000, reserve=0, watch_interval=None,
                            max_swap_ins=max_swap_ins) as cache:
             for i in range(6):
