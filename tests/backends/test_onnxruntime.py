@@ -185,6 +185,60 @@ def test_device_fast_path_binding(cache, model_files):
         model.run(None, {"x": X})
 
 
+
+
+def test_a_runs_outputs_stay_its_own_after_later_runs_and_evictions(cache, model_files):
+    """Outputs are ONNX Runtime's buffers (no copy): the pooled binding's later runs, and the
+    model's eviction, leave earlier outputs as they were."""
+    cache.register("m", model_files["plain"])
+    rng = np.random.default_rng(3)
+    feeds = [rng.standard_normal((3, HIDDEN)).astype(np.float32) for _ in range(6)]
+    plain = ort.InferenceSession(model_files["plain"], providers=["CPUExecutionProvider"])
+    expected = [plain.run(None, {"x": f})[0] for f in feeds]
+    assert np.std(expected[0]) > 0 and not np.allclose(expected[0], expected[1])
+    kept = []
+    with cache.use("m") as model:
+        assert cache.info("m").details["mode"] == "weights"
+        for f in feeds:
+            out = model.run(None, {"x": f})[0]
+            assert out.flags.writeable and out.flags.c_contiguous
+            kept.append(out)
+    cache.evict("m", tier=mc.Tier.DISK)
+    with cache.use("m") as model:          # a new residency, a new binding over other buffers
+        model.run(None, {"x": feeds[0]})
+    for got, want in zip(kept, expected):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    assert len({o.ctypes.data for o in kept}) == len(kept)     # no two runs share an output buffer
+
+
+def test_a_model_with_a_sequence_output_runs_in_session_mode_and_says_why(cache, tmp_path):
+    """Weights mode binds tensors only: a sequence output sends the model to session mode, with
+    its type in the reason and in ``get_outputs()``."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.random.default_rng(4).standard_normal((HIDDEN, HIDDEN)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("SequenceConstruct", ["h", "r"], ["s"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, HIDDEN])],
+        [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("r", TensorProto.FLOAT, [3, HIDDEN])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = str(tmp_path / "seq.onnx")
+    onnx.save(model, path)
+    plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    expected = plain.run(None, {"x": X})
+    cache.register("seq", path)
+    with cache.use("seq") as m:
+        got = m.run(None, {"x": X})
+        assert [(o.name, o.type) for o in m.get_outputs()] == [(o.name, o.type) for o in plain.get_outputs()]
+    details = cache.info("seq").details
+    assert details["mode"] == "session" and "s: seq(tensor(float))" in details["mode_reason"]
+    assert isinstance(got[0], list) and len(got[0]) == 2
+    np.testing.assert_array_equal(got[0][1], expected[0][1])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
 def test_malformed_missing_data_and_bad_inputs_are_typed(cache, model_files, tmp_path):
     cache.register("good", model_files["plain"])
     garbage = tmp_path / "garbage.onnx"

@@ -127,6 +127,10 @@ class OnnxRuntimeBackend(Backend):
         if mode == "session" or not handle.weights:
             return ext_graph, None, self.modes["session"], (
                 "requested" if mode == "session" else "no initializer above the threshold")
+        others = [f"{v.name}: {v.type}" for v in (handle.signature[0] + handle.signature[1] if handle.signature else [])
+                  if not v.type.startswith("tensor(")]
+        if others:   # weights mode binds each run's inputs and outputs, and ONNX Runtime binds tensors only
+            return ext_graph, None, self.modes["session"], f"inputs or outputs that are not tensors ({', '.join(others)})"
         return ext_graph, None, self.modes["weights"], "not checked yet: checked on the device at the first swap-in"
 
     def switch_to_session_mode(self, handle: OrtHandle, reason: str) -> None:

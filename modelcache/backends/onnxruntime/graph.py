@@ -44,7 +44,7 @@ class ValueInfo:
 
     name: str
     type: str
-    shape: List[Any]
+    shape: Optional[List[Any]]
 
 
 def onnx_module() -> Any:
@@ -224,14 +224,30 @@ def signature(proto: Any, input_names: Sequence[str]) -> Tuple[List[ValueInfo], 
     onnx = onnx_module()
     wanted = set(input_names)
 
-    def info(value: Any) -> ValueInfo:
-        tensor = value.type.tensor_type
+    def elem(elem_type: int) -> str:
         try:
-            kind = onnx.helper.tensor_dtype_to_string(tensor.elem_type).split(".")[-1].lower()
+            return str(onnx.helper.tensor_dtype_to_string(elem_type).split(".")[-1].lower())
         except Exception:
-            kind = "undefined"
+            return "undefined"
+
+    def kind(tp: Any) -> str:       # as ONNX Runtime writes it: tensor(float), seq(tensor(float))...
+        which = tp.WhichOneof("value")
+        if which == "sequence_type":
+            return f"seq({kind(tp.sequence_type.elem_type)})"
+        if which == "map_type":
+            return f"map({elem(tp.map_type.key_type)},{kind(tp.map_type.value_type)})"
+        if which == "optional_type":
+            return f"optional({kind(tp.optional_type.elem_type)})"
+        if which == "sparse_tensor_type":
+            return f"sparse_tensor({elem(tp.sparse_tensor_type.elem_type)})"
+        return f"tensor({elem(tp.tensor_type.elem_type)})"
+
+    def info(value: Any) -> ValueInfo:
+        if value.type.WhichOneof("value") not in (None, "tensor_type"):
+            return ValueInfo(value.name, kind(value.type), None)
+        tensor = value.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-        return ValueInfo(value.name, f"tensor({kind})", shape)
+        return ValueInfo(value.name, kind(value.type), shape)
 
     return ([info(v) for v in proto.graph.input if v.name in wanted], [info(v) for v in proto.graph.output])
 
