@@ -224,6 +224,8 @@ def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], ru
             steps[(i + k) % len(steps)]()
     if direct_t:
         row["direct_run_ms"] = statistics.median(direct_t) * 1e3
+    # 1: this (the only) thread runs the session itself; 0: its runs went to the session's runner
+    row["caller_threads"] = cache.info(name).details.get("caller_threads")
 
     def use_and_run() -> None:
         with cache.use(name) as m:
@@ -386,7 +388,9 @@ def main() -> int:
               f"{(row['session_bytes'] or 0) / MiB:>6.0f}Mi"
               + (f" nvml+{row['nvml_growth_parked'] / MiB:.0f}Mi" if "nvml_growth_parked" in row else "")
               + (f" direct {row['direct_run_ms']:.2f}" if "direct_run_ms" in row else ""), flush=True)
-        print(f"{'':<22} why: {row['why']}; a lease alone: {row['lease_us']:.1f} us; a run's working memory "
+        print(f"{'':<22} why: {row['why']}; runs on "
+              f"{'this thread' if row.get('caller_threads') else 'the session runner (a hand-off per run)'}; "
+              f"a lease alone: {row['lease_us']:.1f} us; a run's working memory "
               f"{(row['working_bytes'] or 0) / MiB:.0f} MiB; the session's making peaked "
               f"{(row['session_peak_bytes'] or 0) / MiB:.0f} MiB above what it keeps", flush=True)
     # a parked architecture: every model of it evicted, its shared session kept

@@ -655,6 +655,8 @@ def test_caller_threads_run_their_models_themselves_and_are_counted(tmp_path, mo
         stats = cache.stats()
         assert stats["device.accounted_bytes"] == before + 2 * 256 * 1024 == device.process_bytes()
         assert weights < before
+        details = cache.info("a").details                               # and info() says so
+        assert details["caller_threads"] == 2 and details["caller_threads_bytes"] == 2 * 256 * 1024
         finish.set()
         for thread in threads:
             thread.join()

@@ -32,6 +32,11 @@ class CallerThreads:
         self._lock = threading.Lock()
         self.nbytes = 0
 
+    def count(self) -> int:
+        """How many threads run the session themselves now."""
+        with self._lock:
+            return len(self._threads)
+
     def member(self) -> bool:
         """Whether the calling thread is one of the session's caller threads."""
         return threading.get_ident() in self._threads

@@ -227,7 +227,10 @@ class WeightsMode(Mode):
                 "session_device_bytes": group.nbytes if group else 0,
                 "working_bytes": group.working_bytes if group else 0,
                 "session_peak_bytes": group.peak_bytes if group else 0,
-                "session_warmup_error": group.warmup_error if group else None}
+                "session_warmup_error": group.warmup_error if group else None,
+                # threads that run the session themselves (no hand-off to its runner), and their state
+                "caller_threads": group.callers.count() if group and group.callers else 0,
+                "caller_threads_bytes": group.callers.nbytes if group and group.callers else 0}
 
     def _retained(self) -> List[SessionGroup]:
         """Groups whose runs' working memory the arena may keep (counted whether or not it does)."""
