@@ -570,6 +570,13 @@ class ModelCache(decorators.Decorators):     # the decorators model() and multip
         """A flat dict with dotted keys (declared in ``stats.py``); bytes and seconds."""
         return stats_of(self)
 
+    def accounted_bytes(self) -> int:
+        """Device bytes the cache counts against its budget now (``stats()``'s
+        ``device.accounted_bytes``, without building the rest): one consistent reading, as the
+        cache's own planning takes it."""
+        with self._lock:
+            return self._ledger.accounted_bytes()
+
     def status(self) -> Dict[str, Any]:
         """``stats()`` plus every entry, JSON-ready (what ``modelcache status --cache FILE`` shows)."""
         return status_of(self)

@@ -222,6 +222,7 @@ def test_what_runtimes_take_on_their_own_counts_against_the_budget(make_cache, d
     assert cache.check_pressure() == 1                # 400 + 90 > 400: one model leaves for it
     stats = cache.stats()
     assert stats["device.runtime_bytes"] == 90 and stats["device.accounted_bytes"] == 300 + 90
+    assert cache.accounted_bytes() == 300 + 90                # the same figure, read alone
     gone = next(n for n, t in tiers(cache).items() if t is mc.Tier.HOST)
     with cache.use(gone):                             # room planned with it: another one leaves
         assert sum(t is mc.Tier.DEVICE for t in tiers(cache).values()) == 3

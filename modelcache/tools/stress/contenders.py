@@ -94,8 +94,7 @@ class ModelCacheContender(Contender):
         self._prepared = self.cache.stats().get("onnxruntime.sessions.created", 0)
         self._base_accounted = 0
         if not monitor.simulated:    # parked sessions are in both baselines (a simulated device's: in neither)
-            with self.cache._lock:
-                self._base_accounted = self.cache._ledger.accounted_bytes()
+            self._base_accounted = self.cache.accounted_bytes()
         super().__init__(monitor)     # the baseline: after parking every model on the host
 
     def serve(self, spec: ModelSpec) -> Tuple[np.ndarray, bool, bool]:
@@ -111,8 +110,7 @@ class ModelCacheContender(Contender):
         return int(stats["models.device"]), int(stats["models.host"])
 
     def accounted_bytes(self) -> Optional[int]:
-        with self.cache._lock:      # a consistent reading of the ledger, as the cache's own planning takes
-            return self.cache._ledger.accounted_bytes() - self._base_accounted
+        return self.cache.accounted_bytes() - self._base_accounted
 
     def swap_ins(self) -> int:
         return int(self.cache.stats().get("swap_in.count", 0))
