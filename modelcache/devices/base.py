@@ -239,23 +239,24 @@ class DeviceMemory(ABC):
         self._working: Dict[Any, List[Any]] = {}      # key -> [runs in flight, bytes, booking]
 
     @contextlib.contextmanager
-    def working(self, nbytes: int, key: Any) -> Iterator[None]:
+    def working(self, nbytes: int, key: Any, owner: str = "") -> Iterator[None]:
         """Count ``nbytes`` of runtime working memory (a run's activations and workspaces) while the
         block runs, once per ``key`` however many runs of it are in flight (runs of one runtime
-        session take turns on its runner). A simulated device books it meanwhile."""
-        self.begin_working(nbytes, key)
+        session take turns on its runner). A simulated device books it meanwhile (a full device
+        raises :class:`DeviceOutOfMemoryError` naming ``owner``, the model that runs)."""
+        self.begin_working(nbytes, key, owner)
         try:
             yield
         finally:
             self.end_working(key)
 
-    def begin_working(self, nbytes: int, key: Any) -> None:
+    def begin_working(self, nbytes: int, key: Any, owner: str = "") -> None:
         """:meth:`working` without a context manager (a run's hot path); end it with
         :meth:`end_working` of the same ``key``."""
         with self._working_lock:
             held = self._working.get(key)
             if held is None:
-                booking = self._book_working(nbytes)     # may raise DeviceOutOfMemoryError
+                booking = self._book_working(nbytes, owner)     # may raise DeviceOutOfMemoryError
                 held = self._working[key] = [0, nbytes, booking]
             held[0] += 1
 
@@ -273,8 +274,9 @@ class DeviceMemory(ABC):
         with self._working_lock:
             return sum(held[1] for held in self._working.values())
 
-    def _book_working(self, nbytes: int) -> Any:
-        """Book ``nbytes`` of working memory (None: the runtime's own allocation shows already)."""
+    def _book_working(self, nbytes: int, owner: str) -> Any:
+        """Book ``nbytes`` of working memory for a run of ``owner`` (None: the runtime's own
+        allocation shows already)."""
         return None
 
     @abstractmethod

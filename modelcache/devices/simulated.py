@@ -284,10 +284,13 @@ class SimulatedMemory(DeviceMemory):
     def thread_overhead_bytes(self, nbytes: int) -> None:
         self.device.thread_overhead_bytes = nbytes
 
-    def _book_working(self, nbytes: int) -> Any:
-        if self._arena is not None:
-            return self._arena.take(nbytes)
-        return self.device.allocate(nbytes, owner="working memory")
+    def _book_working(self, nbytes: int, owner: str) -> Any:
+        try:
+            if self._arena is not None:
+                return self._arena.take(nbytes)
+            return self.device.allocate(nbytes, owner="working memory")
+        except DeviceOutOfMemoryError as exc:    # named after the model whose run needed it
+            raise DeviceOutOfMemoryError(f"{exc.reason} (a run's working memory)", model=owner or None) from None
 
     def has_arena(self) -> bool:
         return self._arena is not None

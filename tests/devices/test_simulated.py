@@ -2,6 +2,8 @@
 import threading
 import time
 
+import pytest
+
 import modelcache as mc
 
 
@@ -53,3 +55,29 @@ def test_an_arena_keeps_runs_working_memory_until_shrunk_and_then_gives_back_its
     plain.begin_working(8 * MiB, "a")
     plain.end_working("a")
     assert plain.device.process_bytes() == 0 and plain.measure_release(plain.shrink_arena) == (None, 0)
+
+
+@pytest.mark.parametrize("arena_keeps", [None, 0.5])
+def test_a_run_whose_working_memory_does_not_fit_names_its_model_and_the_cache_serves_on(tmp_path, arena_keeps):
+    """Memory taken outside the cache fills the device: the run that cannot get its working
+    memory fails with DeviceOutOfMemoryError naming its model, and it runs again once there is
+    room."""
+    import numpy as np
+    from modelcache.tools.generate import make_mlp, save_model
+    MiB = 1 << 20
+    device = mc.SimulatedDevice("64MiB", run_overhead="8MiB", arena_keeps=arena_keeps)
+    path = save_model(make_mlp(256, 2, seed=3), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    with mc.ModelCache(monitor=device, reserve=0, watch_interval=None) as cache:
+        cache.register("m", path, weights_threshold=4096)
+        with cache.use("m") as model:
+            expected = model.run(None, {"x": x})[0]
+        device.memory.shrink_arena()                    # the arena's share goes back
+        other = device.allocate(device.free_bytes() - 1 * MiB, owner="another process", external=True)
+        with cache.use("m") as model:
+            with pytest.raises(mc.DeviceOutOfMemoryError) as caught:
+                model.run(None, {"x": x})
+        assert caught.value.model == "m" and "working memory" in str(caught.value)
+        other.free()
+        with cache.use("m") as model:
+            np.testing.assert_array_equal(model.run(None, {"x": x})[0], expected)

@@ -219,7 +219,7 @@ class OrtModel:
             memory, nbytes, key = self._working
             if thread is not None:
                 key = (key, thread)
-            memory.begin_working(nbytes, key)
+            memory.begin_working(nbytes, key, self.name)
             try:
                 return fn(*args)
             finally:
