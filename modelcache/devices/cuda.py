@@ -89,11 +89,12 @@ def check_driver(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-_primary_contexts: Dict[int, Tuple[int, Any]] = {}
+#: device -> (primary context's handle, the context, the driver module, its success code)
+_primary_contexts: Dict[int, Tuple[int, Any, Any, Any]] = {}
 _primary_lock = threading.Lock()
 
 
-def _primary(device: int) -> Tuple[int, Any]:
+def _primary(device: int) -> Tuple[int, Any, Any, Any]:
     entry = _primary_contexts.get(device)
     if entry is None:
         with _primary_lock:
@@ -103,7 +104,7 @@ def _primary(device: int) -> Tuple[int, Any]:
                 check_driver(drv.cuInit(0), "cuInit")
                 dev = check_driver(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
                 ctx = check_driver(drv.cuDevicePrimaryCtxRetain(dev), f"cuDevicePrimaryCtxRetain({device})")
-                entry = _primary_contexts[device] = (as_int(ctx), ctx)
+                entry = _primary_contexts[device] = (as_int(ctx), ctx, drv, drv.CUresult.CUDA_SUCCESS)
     return entry
 
 
@@ -127,12 +128,15 @@ class in_primary_context:  # noqa: N801 - used like the function it was
         self._saved: Any = None
 
     def __enter__(self) -> None:
-        drv = driver()
-        saved = check_driver(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        handle = as_int(saved) if saved is not None else 0
-        primary, ctx = _primary(self.device)
-        if not handle or handle == primary:
+        # the hot path of a run on a caller thread: one driver call, the rest from module caches
+        entry = _primary_contexts.get(self.device) or _primary(self.device)
+        err, saved = entry[2].cuCtxGetCurrent()
+        if err != entry[3]:
+            check_driver((err,), "cuCtxGetCurrent")
+        handle = int(saved) if saved is not None else 0
+        if not handle or handle == entry[0]:
             return
+        ctx, drv = entry[1], entry[2]
         # the driver API, not cudaSetDevice: the runtime skips the switch when it believes the
         # thread is on this device already, leaving the caller's context current for our work
         check_driver(drv.cuCtxSetCurrent(ctx), f"cuCtxSetCurrent(primary context of device {self.device})")

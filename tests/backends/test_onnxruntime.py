@@ -211,6 +211,22 @@ def test_a_runs_outputs_stay_its_own_after_later_runs_and_evictions(cache, model
     assert len({o.ctypes.data for o in kept}) == len(kept)     # no two runs share an output buffer
 
 
+@pytest.mark.parametrize("path", ["pybind", "public wrappers"])
+def test_runs_through_onnx_runtimes_pybind_objects_or_its_public_wrappers_agree(cache, model_files, monkeypatch,
+                                                                                 path):
+    """A run binds and runs through ONNX Runtime's pybind objects where its Python wrappers have
+    them; an ONNX Runtime without them is run through the wrappers, with the same results."""
+    from modelcache.backends.onnxruntime import model as model_module
+    if path == "public wrappers":
+        monkeypatch.setattr(model_module, "_raw_cpu_device", lambda: None)
+    cache.register("m", model_files["plain"])
+    with cache.use("m") as model:
+        for _ in range(3):      # the first binding made, then the pooled one again
+            np.testing.assert_allclose(model.run(None, {"x": X})[0], model_files["reference"], rtol=RTOL, atol=ATOL)
+        kinds = {type(binding).__name__ for binding, _ in model._bindings}
+    assert kinds == ({"_PublicBinding"} if path == "public wrappers" else {"SessionIOBinding"})
+
+
 def test_a_model_with_a_sequence_output_runs_in_session_mode_and_says_why(cache, tmp_path):
     """Weights mode binds tensors only: a sequence output sends the model to session mode, with
     its type in the reason and in ``get_outputs()``."""

@@ -78,7 +78,8 @@ class OrtModel:
             i for i in session.get_inputs() if i.name in set(input_names)]
         self._specs: Dict[str, InputSpec] = {i.name: InputSpec(i) for i in declared}
         self._required = {i.name for i in session.get_inputs() if i.name in set(input_names)}
-        self._bindings: List[Any] = []   # free bindings with the weights bound (a pool: one per run in flight)
+        # free (binding, its run call) with the weights bound: a pool, one per run in flight (_pooled)
+        self._bindings: List[Tuple[Any, Callable[[Any, Any], None]]] = []
         self._working = working          # (DeviceMemory, bytes a run takes, key): counted while a run holds it
         self._lock = threading.Lock()
         self.valid = True
@@ -138,25 +139,43 @@ class OrtModel:
                                 model=self.name) from exc
 
     def _bind_and_run(self, names: List[str], feed: Dict[str, np.ndarray], run_options: Any) -> List[np.ndarray]:
-        binding = self._bindings.pop() if self._bindings else self._new_binding()
+        pool = self._bindings
+        binding, run = pool.pop() if pool else self._pooled()
         for key, value in feed.items():
-            binding.bind_cpu_input(key, value)
+            binding.bind_input(key, value)
+        cpu = _CPU[0]
         for out in names:
-            binding.bind_output(out, "cpu")
+            binding.bind_output(out, cpu)
         try:
-            self._session.run_with_iobinding(binding, run_options)
-            outputs = _cpu_outputs(binding)
+            run(binding, run_options)
+            # ONNX Runtime's own CPU buffers as numpy arrays, as InferenceSession.run returns them
+            # (copy_outputs_to_cpu would copy each once more: 384 KiB a run for BERT-base); each
+            # array keeps its buffer alive, so the binding's next run cannot overwrite it
+            values = binding.get_outputs()
+            outputs: List[np.ndarray] = [values[i].numpy() for i in range(len(values))]
         finally:
             binding.clear_binding_outputs()
-        if set(feed) == self._required and self.valid:
-            self._bindings.append(binding)   # its data inputs are rebound by the next run
+        if feed.keys() == self._required and self.valid:
+            pool.append((binding, run))   # its data inputs are rebound by the next run
         return outputs
+
+    def _pooled(self) -> Tuple[Any, Callable[[Any, Any], None]]:
+        """A binding with the weights bound for :meth:`_bind_and_run`, and the call that runs it:
+        ONNX Runtime's pybind objects behind its Python wrappers where it has them (a layer of
+        Python less for each of a run's calls), else the wrappers."""
+        binding = self._new_binding()
+        raw, raw_run = getattr(binding, "_iobinding", None), getattr(getattr(self._session, "_sess", None),
+                                                                    "run_with_iobinding", None)
+        if raw is not None and raw_run is not None and _raw_cpu_device() is not None:
+            return raw, raw_run
+        session = self._session
+        return _PublicBinding(binding), lambda b, options: session.run_with_iobinding(b.binding, options)
 
     def prime(self) -> None:
         """Bind the weights now (a binding for the first run), so the first run after a swap-in
         does not pay for it."""
         if self._weights and not self._bindings:
-            self._bindings.append(self._new_binding())
+            self._bindings.append(self._pooled())
 
     def io_binding(self) -> Any:
         """A fresh IOBinding with every weight bound (on the device, or from host memory). For a
@@ -299,13 +318,43 @@ class OrtModel:
         return f"OrtModel({self.name!r}, providers={self.get_providers()})"
 
 
-def _cpu_outputs(binding: Any) -> List[np.ndarray]:
-    """A run's outputs (bound to the CPU) as numpy arrays over ONNX Runtime's own buffers, as
-    ``InferenceSession.run`` returns them: ``copy_outputs_to_cpu`` copies every output once more
-    (for a BERT-base hidden state, 384 KiB per run that a plain session does not copy). Each
-    array keeps its buffer alive, so the binding's next run cannot overwrite it. Weights mode
-    has tensor outputs only (``OnnxRuntimeBackend._choose_mode``)."""
-    return [value.numpy() for value in binding.get_outputs()]
+#: ONNX Runtime's CPU device object for binding outputs (its pybind ``OrtDevice``), once built
+_CPU: List[Any] = [None]
+
+
+def _raw_cpu_device() -> Any:
+    """The CPU ``OrtDevice`` that ONNX Runtime's pybind ``bind_output`` takes, or None where this
+    ONNX Runtime does not have it in that form (runs then go through its Python wrappers)."""
+    if _CPU[0] is None:
+        try:
+            from onnxruntime.capi import _pybind_state as C
+            _CPU[0] = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+        except Exception:
+            return None
+    return _CPU[0]
+
+
+class _PublicBinding:
+    """The calls :meth:`OrtModel._bind_and_run` makes on a binding, through ONNX Runtime's
+    public IOBinding (where its pybind object is not reachable)."""
+
+    __slots__ = ("binding",)
+
+    def __init__(self, binding: Any) -> None:
+        self.binding = binding
+
+    def bind_input(self, name: str, value: np.ndarray) -> None:
+        self.binding.bind_cpu_input(name, value)
+
+    def bind_output(self, name: str, device: Any) -> None:
+        self.binding.bind_output(name, "cpu")
+
+    def get_outputs(self) -> List[Any]:
+        outputs: List[Any] = self.binding.get_outputs()
+        return outputs
+
+    def clear_binding_outputs(self) -> None:
+        self.binding.clear_binding_outputs()
 
 
 class _CallerContextKept:
