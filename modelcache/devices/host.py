@@ -20,6 +20,16 @@ def align(nbytes: int, alignment: int = _ALIGN) -> int:
     return (nbytes + alignment - 1) // alignment * alignment
 
 
+def aligned_empty(nbytes: int, alignment: int = _ALIGN) -> np.ndarray:
+    """An uninitialized uint8 array of ``nbytes`` starting at a multiple of ``alignment`` bytes,
+    as cudaMalloc's and cudaHostAlloc's memory does. numpy's own start at 16 bytes, and ONNX
+    Runtime's CPU kernels read weights from such memory slower (convolutions of a ResNet-like
+    builder: 1.13-1.14 x a plain session's run, 1.01-1.02 x from 256-byte aligned memory)."""
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + nbytes]
+
+
 class HostMonitor:
     """Host memory readings in bytes. ``available_bytes`` is what can be allocated without swapping."""
 
@@ -98,7 +108,7 @@ class HostPool:
                 self._release(block)
 
     def _allocate(self, nbytes: int) -> HostBlock:
-        array = np.empty(nbytes, dtype=np.uint8)
+        array = aligned_empty(nbytes)
         return HostBlock(array.ctypes.data, nbytes, array, pinned=False)
 
     def _release(self, block: HostBlock) -> None:

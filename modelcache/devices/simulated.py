@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import DeviceOutOfMemoryError
 from ..sizes import Size, parse_size
 from .base import Buffer, Charge, DeviceMemory, DeviceMonitor, InlineRunner, Runner
-from .host import HostPool
+from .host import HostPool, aligned_empty
 
 T = TypeVar("T")
 
@@ -199,7 +199,7 @@ class SimulatedBuffer(Buffer):
     __slots__ = ("ptr", "nbytes", "array", "_booking")
 
     def __init__(self, booking: SimulatedAllocation, nbytes: int) -> None:
-        self.array: Optional[np.ndarray] = np.empty(max(nbytes, 1), dtype=np.uint8)
+        self.array: Optional[np.ndarray] = aligned_empty(max(nbytes, 1))     # as cudaMalloc's
         self.ptr, self.nbytes, self._booking = int(self.array.ctypes.data), nbytes, booking
 
     def free(self) -> None:
