@@ -131,3 +131,94 @@ def test_a_rewrite_that_changes_results_is_refused(cache, monkeypatch):
     assert details["mode"] == "session" and "differs" in details["mode_reason"]
     assert details["deviation"] > details["tolerance"]
     np.testing.assert_allclose(got, plain_outputs(model, sample_input(model))[0], rtol=1e-4, atol=1e-3)
+
+
+def _served_graph(cache, name):
+    return onnx.load_from_string(cache._entries[name].handle.graph).graph
+
+
+def test_matmul_weights_are_stored_transposed_on_the_cpu(cache):
+    """The CPU provider packs weights that are graph inputs again on every run, at less cost from
+    the transposed layout: every dense weight of the BERT-like builder is stored so and its Gemm
+    reads it with transB=1, and the outputs are still the plain session's."""
+    model = make_family("bert", seed=1)
+    feed = sample_input(model)
+    dense = [i for i in model.graph.initializer if i.name.startswith("dense_w")]
+    cache.register("b", model, backend="onnxruntime", weights_threshold=SMALL)
+    with cache.use("b") as served:
+        got = served.run(None, feed)[0]
+    details = cache.info("b").details
+    assert details["mode"] == "weights" and details["transposed_weights"] == len(dense) > 0
+    served_graph = _served_graph(cache, "b")
+    gemms = [n for n in served_graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == len(dense)
+    assert all(onnx.helper.get_attribute_value(a) == 1 for n in gemms for a in n.attribute if a.name == "transB")
+    served_shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in served_graph.input}
+    declared = {i.name: list(i.dims) for i in dense}
+    assert {n.input[1] for n in gemms} == set(declared)
+    assert all(served_shapes[name] == dims[::-1] for name, dims in declared.items())   # [out, in]: transposed
+    expected = plain_outputs(model, feed)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def _matmuls_model():
+    """MatMul with a weight on a 1-D, a 2-D and a 3-D left side, a Gemm whose weight is already
+    transposed, and a weight tied to an embedding (Gather) as well as a MatMul."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(7)
+    w = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
+         (("w1", (16, 24)), ("w2", (16, 24)), ("w3", (16, 24)), ("wt", (24, 16)), ("tied", (16, 16)))}
+    nodes = [helper.make_node("MatMul", ["v", "w1"], ["y1"]),
+             helper.make_node("MatMul", ["x", "w2"], ["y2"]),
+             helper.make_node("MatMul", ["s", "w3"], ["y3"]),
+             helper.make_node("Gemm", ["x", "wt"], ["y4"], transB=1),
+             helper.make_node("Gather", ["tied", "ids"], ["emb"]),
+             helper.make_node("MatMul", ["emb", "tied"], ["y5"])]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "matmuls",
+        [helper.make_tensor_value_info("v", f, [16]), helper.make_tensor_value_info("x", f, [3, 16]),
+         helper.make_tensor_value_info("s", f, [2, 3, 16]), helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info(n, f, None) for n in ("y1", "y2", "y3", "y4", "y5")],
+        [numpy_helper.from_array(a, n) for n, a in w.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(8)
+    feed = {"v": rng.standard_normal(16).astype(np.float32), "x": rng.standard_normal((3, 16)).astype(np.float32),
+            "s": rng.standard_normal((2, 3, 16)).astype(np.float32), "ids": np.array([0, 5, 15, 2], np.int64)}
+    return model, feed
+
+
+@pytest.mark.parametrize("tier", [mc.Tier.HOST, mc.Tier.DISK])
+def test_transposed_weights_give_the_plain_sessions_outputs_on_every_left_side(tmp_path, tier):
+    model, feed = _matmuls_model()
+    expected = plain_outputs(model, feed)
+    with mc.ModelCache(monitor=mc.SimulatedDevice("512MiB"), reserve=0, watch_interval=None,
+                       disk_dir=str(tmp_path)) as cache:
+        cache.register("m", model, backend="onnxruntime", weights_threshold=1024, mode="weights")
+        with cache.use("m") as served:
+            first = served.run(None, feed)
+        assert cache.info("m").details["transposed_weights"] == 3     # w1, w2, w3: not wt (transB=1), not tied
+        cache.evict("m", tier=tier)                                    # back from the host or the disk
+        with cache.use("m") as served:
+            again = served.run(None, feed)
+        nodes = {n.output[0]: n for n in _served_graph(cache, "m").node}
+    assert {nodes[y].op_type for y in ("y1", "y2", "y3")} == {"FusedMatMul"}
+    assert nodes["y4"].op_type == "Gemm" and nodes["y5"].op_type == "MatMul"
+    for e, a, b in zip(expected, first, again):
+        assert np.std(e) > 0
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_weight_is_transposed_for_a_provider_that_does_not_want_it(cache, monkeypatch):
+    from modelcache.backends.onnxruntime.sessions import CpuProvider, CudaProvider
+    assert CpuProvider.transposed_matmul_weights and not CudaProvider.transposed_matmul_weights
+    monkeypatch.setattr(CpuProvider, "transposed_matmul_weights", False)
+    model, feed = _matmuls_model()
+    cache.register("m", model, backend="onnxruntime", weights_threshold=1024, mode="weights")
+    with cache.use("m") as served:
+        got = served.run(None, feed)
+    assert "transposed_weights" not in cache.info("m").details
+    assert "FusedMatMul" not in {n.op_type for n in _served_graph(cache, "m").node}
+    for e, g in zip(plain_outputs(model, feed), got):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -206,6 +206,69 @@ def as_inputs(proto: Any, weights: Sequence[Weight], generic: bool = False, any_
         del graph.value_info[:]
     serialized: bytes = proto.SerializeToString()
     return serialized
+
+
+def transpose_matmul_weights(proto: Any, weights: Sequence[Weight], block: HostBlock) -> Tuple[List[Weight], int]:
+    """Store each 2-D float32 weight that is only ever the right-hand matrix of a ``MatMul``,
+    ``Gemm`` or ``FusedMatMul`` transposed in ``block``, and have those nodes read it so
+    (``transB=1``; a ``MatMul`` becomes ONNX Runtime's ``FusedMatMul``). For the CPU provider:
+    it pre-packs only constant weights, so a weight that is a graph input is packed again by every
+    run, and from the transposed layout that costs less (a BERT-like builder: 1.15 -> 1.08 x a
+    plain session). The rewrite depends on the graph alone, so fine-tunes still share a session.
+    Returns the weights (transposed ones with their new shape) and how many were transposed."""
+    onnx = onnx_module()
+    helper = onnx.helper
+    by_name = {w.name: w for w in weights}
+    uses: Dict[str, List[Tuple[Any, int]]] = {}
+    for node in proto.graph.node:
+        for index, name in enumerate(node.input):
+            if name in by_name:
+                uses.setdefault(name, []).append((node, index))
+    outputs = {o.name for o in proto.graph.output}
+
+    def attribute(node: Any, key: str, default: Any) -> Any:
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
+
+    def reads_b(node: Any, index: int) -> bool:
+        if index != 1:
+            return False
+        if node.domain in ("", "ai.onnx") and node.op_type == "MatMul":
+            return True
+        if node.domain in ("", "ai.onnx") and node.op_type == "Gemm":
+            return not attribute(node, "transB", 0)
+        if node.domain == "com.microsoft" and node.op_type == "FusedMatMul":
+            return not attribute(node, "transB", 0) and not attribute(node, "transBatchB", 0)
+        return False
+
+    def read_transposed(node: Any) -> None:
+        if node.op_type == "MatMul":
+            node.op_type, node.domain = "FusedMatMul", "com.microsoft"
+        kept = [a for a in node.attribute if a.name != "transB"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("transB", 1)])
+
+    result: List[Weight] = []
+    transposed: Set[str] = set()
+    for w in weights:
+        used = uses.get(w.name, [])
+        if (len(w.shape) == 2 and np.dtype(w.dtype) == np.float32 and w.name not in outputs and used
+                and all(reads_b(node, index) for node, index in used)):
+            rows, cols = w.shape
+            span = block.array[w.offset:w.offset + w.nbytes]
+            span[:] = np.ascontiguousarray(span.view(np.float32).reshape(rows, cols).T).view(np.uint8).reshape(-1)
+            for node, _ in used:
+                read_transposed(node)
+            result.append(Weight(w.name, w.dtype, (cols, rows), w.offset, w.nbytes))
+            transposed.add(w.name)
+        else:
+            result.append(w)
+    if transposed:
+        kept_info = [v for v in proto.graph.value_info if v.name not in transposed]
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(kept_info)
+        if not any(op.domain == "com.microsoft" for op in proto.opset_import):
+            proto.opset_import.extend([helper.make_opsetid("com.microsoft", 1)])
+    return result, len(transposed)
 
 
 def group_key(graph: bytes, options: Dict[str, Any], name: Optional[str]) -> str:

@@ -5,7 +5,8 @@
    for that provider: BatchNormalization folded into convolutions, attention, LayerNorm and GELU
    fused, layouts chosen. That session's outputs on a sample input are the reference.
 2. The optimized graph's weights (folded and fused ones included) move into a new host block and
-   become graph inputs (``graph.as_inputs``): the graph the model's shared session runs.
+   become graph inputs (``graph.as_inputs``): the graph the model's shared session runs. On the
+   CPU provider, matrix-multiplication weights are stored transposed (``graph.transpose_matmul_weights``).
 3. The lifted graph runs on the same device with the model's weights copied to the device (this
    is the swap-in itself) and its outputs are compared with the reference. The tolerance scales
    with the outputs' magnitude and with how far ONNX Runtime's own ways of running the model
@@ -118,7 +119,10 @@ def lift(backend: "OnnxRuntimeBackend", handle: "OrtHandle", ref: Optional[Refer
             nbytes = weights[-1].offset + weights[-1].nbytes if weights else 0
             any_size = share and bool(handle.options.get("share_sizes", False))
             if weights:
-                lifted = graph.as_inputs(onnx.load_from_string(ext), weights, generic=share, any_size=any_size)
+                proto = onnx.load_from_string(ext)
+                if block is not None and backend.sessions.device.transposed_matmul_weights:
+                    weights, notes["transposed_weights"] = graph.transpose_matmul_weights(proto, weights, block)
+                lifted = graph.as_inputs(proto, weights, generic=share, any_size=any_size)
                 return Lifted(lifted, weights, block, nbytes, True, notes)
             notes["optimized_graph_unused"] = "the optimized graph has no weights above the threshold"
         except Exception as exc:     # keep the original graph: the rewrite of it is checked the same way

@@ -39,6 +39,10 @@ def ort_module() -> Any:
 class CpuProvider:
     """ONNX Runtime's CPU execution provider."""
 
+    #: weights mode stores matrix-multiplication weights transposed (``graph.transpose_matmul_weights``):
+    #: this provider re-packs weights that are graph inputs on every run, at less cost that way
+    transposed_matmul_weights = True
+
     def providers(self, options: Dict[str, Any]) -> List[Any]:
         return ["CPUExecutionProvider"]
 
@@ -63,6 +67,8 @@ class CpuProvider:
 
 class CudaProvider(CpuProvider):
     """ONNX Runtime's CUDA execution provider on one device, with the CPU provider as fallback."""
+
+    transposed_matmul_weights = False     # cuBLAS reads either layout as fast: the graph stays as optimized
 
     def __init__(self, device: int) -> None:
         self.device = device
