@@ -230,9 +230,10 @@ def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], ru
     def use_and_run() -> None:
         with cache.use(name) as m:
             m.run(None, feed)
-    for _ in range(runs):
-        used_t.append(_timed(use_and_run))
-        held2_t.append(_timed(lambda: held.run(None, feed)))
+    for i in range(runs):           # pairs in alternating order: neither goes first more often
+        pair = [lambda: used_t.append(_timed(use_and_run)), lambda: held2_t.append(_timed(lambda: held.run(None, feed)))]
+        for step in (pair if i % 2 == 0 else pair[::-1]):
+            step()
 
     def hits(n: int = 200) -> float:
         start = time.perf_counter()
@@ -245,7 +246,7 @@ def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], ru
     run_s = statistics.median(held_t)
     row.update(plain_run_ms=statistics.median(plain_t) * 1e3, run_ms=run_s * 1e3,
                run_ratio=run_s / statistics.median(plain_t),
-               # paired, interleaved: use()+run minus the run just after it (drift cancels out)
+               # paired, interleaved: use()+run minus the run next to it (drift cancels out)
                use_overhead_us=statistics.median(u - h for u, h in zip(used_t, held2_t)) * 1e6,
                lease_us=lease_s * 1e6)
     # swaps, each cycle next to a floor sample (allocate, copy from pinned memory, synchronize) and
