@@ -17,7 +17,8 @@ the device's provider) and measured in the same run:
   the plain session's run after as long an idle as the swap-in (the device idles during a copy,
   and any first run after an idle gap is slower);
 - run time, median of ``--runs`` interleaved runs: plain session vs the model held through a lease;
-  ``with cache.use(...)`` + run vs run (the median of paired differences), and a lease alone (a hit);
+  ``with cache.use(...)`` + run vs run (the median of paired differences, 3x ``--runs`` pairs on the
+  CPU), and a lease alone (a hit);
 - the device bytes its architecture's session keeps while parked (measured by the cache, and the
   process's NVML growth once the whole architecture is parked).
 
@@ -186,7 +187,8 @@ def copy_floor(memory: Any, block: Any, nbytes: int) -> Optional[float]:
 
 
 def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], runs: int, swaps: int,
-            floor_sample: Callable[[int], Optional[float]], session_options: Dict[str, Any]) -> Dict[str, Any]:
+            floor_sample: Callable[[int], Optional[float]], session_options: Dict[str, Any],
+            pairs: Optional[int] = None) -> Dict[str, Any]:
     import onnxruntime as ort
     row: Dict[str, Any] = {"model": name}
     so = ort.SessionOptions()
@@ -230,7 +232,7 @@ def measure(cache: mc.ModelCache, name: str, path: str, providers: List[Any], ru
     def use_and_run() -> None:
         with cache.use(name) as m:
             m.run(None, feed)
-    for i in range(runs):           # pairs in alternating order: neither goes first more often
+    for i in range(pairs or runs):  # pairs in alternating order: neither goes first more often
         pair = [lambda: used_t.append(_timed(use_and_run)), lambda: held2_t.append(_timed(lambda: held.run(None, feed)))]
         for step in (pair if i % 2 == 0 else pair[::-1]):
             step()
@@ -345,6 +347,9 @@ def main() -> int:
     options = json.loads(a.ort_options)
     threads = a.threads if a.threads is not None else (None if gpu else 1)
     runs = a.runs if a.runs is not None else (50 if gpu else 150)
+    # use()'s cost is a difference of two runs: on the CPU their noise (runs of ~9 ms on 2 cores)
+    # put the median of 150 differences 30-60 us either way, so it takes 3x as many pairs there
+    pairs = runs if gpu else 3 * runs
     session_options = {"intra_op_num_threads": threads} if threads else {}
     if session_options:
         options.setdefault("session_options", {}).update(session_options)
@@ -370,7 +375,7 @@ def main() -> int:
         cache.register(name, path, backend="onnxruntime", **options)
         before = cache.monitor.process_bytes()
         try:
-            row = measure(cache, name, path, providers, runs, a.swaps, floor_sample, session_options)
+            row = measure(cache, name, path, providers, runs, a.swaps, floor_sample, session_options, pairs)
         except Exception as exc:
             row = {"model": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         after = cache.monitor.process_bytes()
