@@ -222,3 +222,28 @@ def test_no_weight_is_transposed_for_a_provider_that_does_not_want_it(cache, mon
     assert "FusedMatMul" not in {n.op_type for n in _served_graph(cache, "m").node}
     for e, g in zip(plain_outputs(model, feed), got):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_rewrite_keeps_the_original_graph_and_gives_the_block_back(cache, monkeypatch):
+    """Step 2 failing on the optimized graph: the model is lifted from its original graph (and
+    checked the same way), and the host block the optimized graph's weights were read into goes
+    back to the pool."""
+    import modelcache.backends.onnxruntime.graph as graph_module
+
+    def broken(proto, weights, block):
+        raise ValueError("a rewrite that fails")
+    monkeypatch.setattr(graph_module, "transpose_matmul_weights", broken)
+    model = make_family("bert", seed=2)
+    feed = sample_input(model)
+    cache.register("m", model, backend="onnxruntime", weights_threshold=SMALL)
+    cache.prefetch("m", tier=mc.Tier.HOST).result()      # loaded, not yet prepared
+    pool = cache._entries["m"].backend.pool
+    idle = pool.idle_bytes
+    with cache.use("m") as served:
+        got = served.run(None, feed)[0]
+    details = cache.info("m").details
+    assert details["mode"] == "weights" and not details["optimized_graph"]
+    assert "a rewrite that fails" in details["optimized_graph_unused"] and "transposed_weights" not in details
+    assert pool.idle_bytes >= idle + details["weights_bytes"] // 2     # the optimized graph's block is back
+    expected = plain_outputs(model, feed)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))

@@ -112,6 +112,7 @@ def lift(backend: "OnnxRuntimeBackend", handle: "OrtHandle", ref: Optional[Refer
     small = _share_threshold(handle.options) if share else None
     notes: Dict[str, Any] = {}
     if ref is not None and ref.optimized_path is not None:
+        block: Optional[HostBlock] = None
         try:
             proto = onnx.load(ref.optimized_path, load_external_data=False)
             ext, weights, block = graph.externalize(handle.name, proto, threshold, backend.pool.get,
@@ -126,6 +127,9 @@ def lift(backend: "OnnxRuntimeBackend", handle: "OrtHandle", ref: Optional[Refer
                 return Lifted(lifted, weights, block, nbytes, True, notes)
             notes["optimized_graph_unused"] = "the optimized graph has no weights above the threshold"
         except Exception as exc:     # keep the original graph: the rewrite of it is checked the same way
+            if block is not None:    # the optimized graph's weights are not needed
+                backend.pool.put(block)
+            notes.pop("transposed_weights", None)
             notes["optimized_graph_unused"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     lifted = graph.as_inputs(onnx.load_from_string(handle.graph), handle.weights, generic=share,
                              any_size=share and bool(handle.options.get("share_sizes", False)))

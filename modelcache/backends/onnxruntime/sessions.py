@@ -68,7 +68,7 @@ class CpuProvider:
 class CudaProvider(CpuProvider):
     """ONNX Runtime's CUDA execution provider on one device, with the CPU provider as fallback."""
 
-    transposed_matmul_weights = False     # cuBLAS reads either layout as fast: the graph stays as optimized
+    transposed_matmul_weights = False     # the graph stays as ONNX Runtime optimized it for CUDA
 
     def __init__(self, device: int) -> None:
         self.device = device
