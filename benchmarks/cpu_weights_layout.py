@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import time
+import sys
 from typing import Any, Callable, Dict, List
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import run_path  # noqa: E402
 
 
 def main() -> int:
@@ -68,14 +73,8 @@ def main() -> int:
         assert np.std(outputs["plain"]) > 0
         for label, out in outputs.items():
             np.testing.assert_allclose(out, outputs["plain"], rtol=1e-4, atol=1e-4 * float(np.abs(out).max()))
-        times: Dict[str, List[float]] = {label: [] for label in runners}
+        times = run_path.interleaved(runners, a.runs)
         labels = list(runners)
-        for i in range(a.runs):
-            for k in range(len(labels)):
-                label = labels[(i + k) % len(labels)]
-                start = time.perf_counter()
-                runners[label]()
-                times[label].append(time.perf_counter() - start)
         base = statistics.median(times["plain"])
         results[family] = {label: statistics.median(t) / base for label, t in times.items()}
         results[family]["plain_ms"] = base * 1e3

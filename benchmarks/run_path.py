@@ -41,6 +41,20 @@ import zoo  # noqa: E402
 MiB = 1 << 20
 
 
+def interleaved(steps: Dict[str, Callable[[], Any]], runs: int) -> Dict[str, List[float]]:
+    """Seconds of each step's calls: ``runs`` rounds of every step, in an order that rotates from
+    one round to the next so that none goes first (or follows a given other) more often."""
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+    keys = list(steps)
+    for i in range(runs):
+        for k in range(len(keys)):
+            key = keys[(i + k) % len(keys)]
+            start = time.perf_counter()
+            steps[key]()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
 def med(values: List[float]) -> float:
     return statistics.median(values) * 1e3
 
@@ -142,14 +156,7 @@ def measure(cache: mc.ModelCache, name: str, path: str, gpu: bool, runs: int, sw
         row[f"dev_{key}"] = max(float(np.max(np.abs(a - b))) for a, b in zip(expected, got))
         for _ in range(5):
             fn()
-    times: Dict[str, List[float]] = {k: [] for k in steps}
-    keys = list(steps)
-    for i in range(runs):
-        for k in range(len(keys)):
-            key = keys[(i + k) % len(keys)]
-            start = time.perf_counter()
-            steps[key]()
-            times[key].append(time.perf_counter() - start)
+    times = interleaved(steps, runs)
     base = statistics.median(times["plain"])
     row["run_ms"] = {k: med(v) for k, v in times.items()}
     row["run_ratio"] = {k: statistics.median(v) / base for k, v in times.items()}
