@@ -48,12 +48,14 @@ def main() -> int:
         return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
     def held(model: bytes, transposed: bool) -> Any:
-        CpuProvider.transposed_matmul_weights = transposed      # read at the first swap-in
         cache = mc.ModelCache(monitor=mc.SimulatedDevice("4GiB"), reserve=0, watch_interval=None)
         cache.register("m", model, backend="onnxruntime", session_options={"intra_op_num_threads": 1})
-        lease = cache.use("m")
-        served = lease.acquire()
-        CpuProvider.transposed_matmul_weights = True
+        CpuProvider.transposed_matmul_weights = transposed      # read at the first swap-in
+        try:
+            lease = cache.use("m")
+            served = lease.acquire()
+        finally:
+            CpuProvider.transposed_matmul_weights = True
         caches.append((cache, lease))
         return served
 
@@ -61,8 +63,8 @@ def main() -> int:
     results: Dict[str, Dict[str, float]] = {}
     print(f"onnxruntime {ort.__version__}; medians of {a.runs} interleaved runs, ratios to the plain session")
     for family in a.families.split(","):
-        model = make_family(family, "medium", seed=0).SerializeToString()
-        feed = sample_input(make_family(family, "medium", seed=0))
+        proto = make_family(family, "medium", seed=0)
+        model, feed = proto.SerializeToString(), sample_input(proto)
         runners: Dict[str, Callable[[], Any]] = {}
         for label, session in (("plain", plain(model)),
                                ("plain, no pre-packing", plain(model, **{"session.disable_prepacking": "1"})),
